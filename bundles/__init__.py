@@ -1,0 +1,1 @@
+"""Collection tooling: the demo, sample-data preparation (and later packaging and the bundle index)."""

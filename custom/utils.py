@@ -1,0 +1,68 @@
+"""Small helpers the bundle configs call: label names, atomic file writes, rank checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_write", "atomic_torch_save", "is_main_process", "class_names_from_metadata"]
+
+
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0 inside it: the one process that writes shared files."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through ``write(fileobj)`` into a temporary file beside it, fsync, then rename.
+
+    A process killed mid-write leaves the previous ``path`` intact (rename is atomic on POSIX);
+    the temporary file is removed on any error.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` made atomic with :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def class_names_from_metadata(meta_file: str | os.PathLike, output: str = "pred") -> list[str]:
+    """Class names by channel index from ``network_data_format.outputs.<output>.channel_def``.
+
+    metadata.json is the one place a bundle names its classes (MONAI Label reads it too), so the
+    evaluation report takes the names from there instead of repeating them in a config.
+
+    Raises:
+        ValueError: the channel_def is missing or its keys are not 0..N-1.
+    """
+    with open(meta_file) as f:
+        meta = json.load(f)
+    try:
+        channel_def = meta["network_data_format"]["outputs"][output]["channel_def"]
+    except KeyError as e:
+        raise ValueError(f"{meta_file}: no network_data_format.outputs.{output}.channel_def") from e
+    if sorted(int(k) for k in channel_def) != list(range(len(channel_def))):
+        raise ValueError(f"{meta_file}: channel_def keys must be 0..{len(channel_def) - 1}, got {list(channel_def)}")
+    return [channel_def[str(i)] for i in range(len(channel_def))]

@@ -1,0 +1,223 @@
+"""Loading Swin encoder weights in the layout of the paper's released ``model_swinvit.pt``.
+
+Why this exists: MONAI's ``SwinUNETR.load_from`` reads that layout but says nothing about what it
+loaded, ignores every extra tensor silently and dies on the first missing key with a bare
+``KeyError``; the research scripts strip ``module.`` and load non-strictly, which for this file
+matches *nothing* and raises no error. Here every encoder tensor of the network must be matched
+(same name and shape) or loading fails with the list of what is wrong; tensors the network has no
+place for (the final norm, the SSL heads) are reported as ignored. The copy itself is MONAI's
+``copy_model_state`` with an explicit key map.
+
+Released layout (``{"state_dict": {...}}``), 126 encoder tensors for depths (2, 2, 2, 2)::
+
+    module.patch_embed.proj.{weight,bias}
+    module.layers{1..4}.0.blocks.{0,1}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.{weight,bias}
+    module.layers{1..4}.0.blocks.{0,1}.attn.relative_position_{bias_table,index}
+    module.layers{1..4}.0.downsample.{reduction.weight,norm.weight,norm.bias}
+
+MONAI names the MLP layers ``linear1``/``linear2`` and keeps the encoder under ``swinViT.``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from monai.networks.utils import copy_model_state
+
+__all__ = [
+    "ENCODER_PREFIX",
+    "LoadReport",
+    "PretrainedWeightsError",
+    "load_swinvit_weights",
+    "prepare_network",
+    "released_to_monai_key",
+    "monai_to_released_key",
+    "validate_optional_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: where ``monai.networks.nets.SwinUNETR`` keeps its Swin transformer encoder
+ENCODER_PREFIX = "swinViT."
+_RELEASED_PREFIX = "module."
+_MLP_RENAMES = ((".mlp.fc1.", ".mlp.linear1."), (".mlp.fc2.", ".mlp.linear2."))
+
+
+class PretrainedWeightsError(ValueError):
+    """The weight file does not provide every encoder tensor of the network."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_swinvit_weights` did: counts first, then the names."""
+
+    path: str
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def expected(self) -> int:
+        return len(self.matched) + len(self.missing) + len(self.shape_mismatch)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.path}: matched {len(self.matched)} of {self.expected} encoder tensors; "
+            f"ignored {len(self.ignored)} tensors the network has no place for"
+        )
+        if self.ignored:
+            text += f" ({_abbrev(self.ignored)})"
+        return text
+
+
+def _abbrev(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+
+
+def released_to_monai_key(key: str) -> str | None:
+    """Map a key of the released layout to ``SwinUNETR``'s name, or None when it is no encoder key.
+
+    >>> released_to_monai_key("module.layers1.0.blocks.0.mlp.fc1.weight")
+    'swinViT.layers1.0.blocks.0.mlp.linear1.weight'
+    >>> released_to_monai_key("module.rotation_head.weight") is None
+    True
+    """
+    name = key[len(_RELEASED_PREFIX) :] if key.startswith(_RELEASED_PREFIX) else key
+    if name.startswith(ENCODER_PREFIX):  # already MONAI-named (a SwinUNETR state_dict)
+        name = name[len(ENCODER_PREFIX) :]
+    if not (name.startswith("patch_embed.") or name.startswith("layers")):
+        return None
+    for old, new in _MLP_RENAMES:
+        name = name.replace(old, new)
+    return ENCODER_PREFIX + name
+
+
+def monai_to_released_key(key: str) -> str | None:
+    """Inverse of :func:`released_to_monai_key` for ``swinViT.*`` keys (used to export encoders).
+
+    >>> monai_to_released_key("swinViT.layers2.0.blocks.1.mlp.linear2.bias")
+    'module.layers2.0.blocks.1.mlp.fc2.bias'
+    """
+    if not key.startswith(ENCODER_PREFIX):
+        return None
+    name = key[len(ENCODER_PREFIX) :]
+    for old, new in _MLP_RENAMES:
+        name = name.replace(new, old)
+    return _RELEASED_PREFIX + name
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+
+
+def validate_optional_path(value: object, name: str) -> str | None:
+    """Accept None or an existing file path; refuse the strings a shell user means as None.
+
+    Raises:
+        ValueError: ``value`` is ``"null"``, ``"none"``, ``"false"`` or empty (the bundle CLI reads
+            values as Python literals: write ``None``).
+        FileNotFoundError: ``value`` names no file.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path or None, got {value!r}.")
+    text = os.fspath(value)
+    if text.strip().lower() in {"", "null", "none", "false"}:
+        raise ValueError(
+            f"{name}={text!r}: command-line values are Python literals; write `--{name} None` to train without it."
+        )
+    if not os.path.isfile(text):
+        raise FileNotFoundError(f"{name}: no such file: {os.path.abspath(text)}")
+    return text
+
+
+def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> LoadReport:
+    """Copy Swin encoder weights from a released-layout file into a ``SwinUNETR``.
+
+    Args:
+        network: a ``monai.networks.nets.SwinUNETR`` (or a DDP wrapper of one).
+        path: ``model_swinvit.pt`` from the paper's release or from this collection's SSL bundle.
+            ``{"state_dict": {...}}`` or a bare state_dict; ``module.`` prefixes optional.
+        strict: raise when any encoder tensor of ``network`` is missing from the file or has another
+            shape. With ``strict=False`` the matched tensors are still loaded and the gaps logged.
+
+    Returns:
+        a :class:`LoadReport`; its ``summary()`` is also logged.
+
+    Raises:
+        PretrainedWeightsError: ``strict`` and not every encoder tensor was matched, or the file holds
+            no encoder tensor at all. The message lists what is missing or mis-shaped.
+    """
+    path = os.fspath(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping):
+        raise PretrainedWeightsError(f"{path}: expected a state_dict (or {{'state_dict': ...}}), got {type(checkpoint)}.")
+
+    model = _unwrap(network)
+    dst = model.state_dict()
+    encoder_keys = [k for k in dst if k.startswith(ENCODER_PREFIX)]
+    if not encoder_keys:
+        raise PretrainedWeightsError(f"the network has no '{ENCODER_PREFIX}' encoder: is it a SwinUNETR?")
+
+    report = LoadReport(path=path)
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in checkpoint.items():
+        new_key = released_to_monai_key(key)
+        if new_key is None or new_key not in dst:
+            report.ignored.append(key)
+        elif not isinstance(value, torch.Tensor) or value.shape != dst[new_key].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            report.shape_mismatch.append(f"{key} {shape} vs network {tuple(dst[new_key].shape)}")
+        else:
+            mapped[new_key] = value
+    mismatched = {s.split(" ")[0] for s in report.shape_mismatch}
+    report.missing = [k for k in encoder_keys if k not in mapped and monai_to_released_key(k) not in mismatched]
+
+    if not mapped or (strict and (report.missing or report.shape_mismatch)):
+        problems = []
+        if report.missing:
+            problems.append(f"{len(report.missing)} missing ({_abbrev(report.missing)})")
+        if report.shape_mismatch:
+            problems.append(f"{len(report.shape_mismatch)} of another shape ({_abbrev(report.shape_mismatch, 3)})")
+        hint = ""
+        if report.shape_mismatch and any("patch_embed" in s for s in report.shape_mismatch):
+            hint = " The file was trained with another feature_size or in_channels: set --feature_size to match it."
+        raise PretrainedWeightsError(
+            f"{path}: matched {len(mapped)} of {len(encoder_keys)} encoder tensors; "
+            + ("; ".join(problems) if problems else "no encoder tensor found")
+            + "."
+            + hint
+        )
+
+    _, updated, _ = copy_model_state(model, mapped, inplace=True)
+    report.matched = sorted(updated)
+    if report.missing or report.shape_mismatch:
+        logger.warning("%s; NOT loaded: %d missing, %d mis-shaped", report.summary(), len(report.missing), len(report.shape_mismatch))
+    else:
+        logger.info(report.summary())
+    return report
+
+
+def prepare_network(
+    network: torch.nn.Module,
+    device: torch.device | str,
+    pretrained_path: str | None = None,
+) -> torch.nn.Module:
+    """The training network: ``network`` with encoder weights from ``pretrained_path`` (if given), on ``device``.
+
+    Used by the bundles' ``network`` id so that ``--pretrained_path None`` trains from scratch and a
+    path loads (strictly, loudly) before anything else is built on the weights.
+    """
+    path = validate_optional_path(pretrained_path, "pretrained_path")
+    if path is not None:
+        load_swinvit_weights(network, path, strict=True)
+    return network.to(device)

@@ -1,0 +1,247 @@
+"""The BTCV bundle through its real commands (`python -m monai.bundle run ...`) on the real CT sample."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from monai.networks.nets import SwinUNETR
+from PIL import Image
+
+from conftest import BTCV, REPO, SMALL, cli, run_bundle
+
+ORGANS = [
+    "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+    "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland", "left adrenal gland",
+]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def small_net() -> SwinUNETR:
+    return SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
+
+
+def test_training_writes_best_model_and_resumable_checkpoint(trained):
+    ckpt = Path(trained["ckpt_dir"])
+    net = small_net()
+    net.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))  # a plain, complete state_dict
+    state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "validator"} <= set(state)
+    assert state["trainer"]["iteration"] == 2 and state["trainer"]["max_epochs"] == 2
+    assert state["lr_scheduler"]["last_epoch"] == 2
+    assert 0.0 <= state["validator"]["best_metric"] <= 1.0
+    assert list(Path(trained["output_dir"]).glob("events.out.tfevents.*")), "no TensorBoard log"
+    assert "val_mean_dice" in trained["proc"].stdout
+
+
+@pytest.fixture()
+def run_copy(trained, tmp_path) -> dict:
+    """The trained run's checkpoints copied, so that a test may change them."""
+    shutil.copytree(trained["ckpt_dir"], tmp_path / "models")
+    return {**trained["overrides"], "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "outputs")}
+
+
+def test_finished_run_is_refused_not_restarted(run_copy):
+    before = sha256(Path(run_copy["ckpt_dir"]) / "checkpoint.pt")
+    proc = run_bundle("training", ["configs/train.json"], run_copy, check=False)
+    assert proc.returncode != 0
+    assert "already finished 2 of max_epochs=2" in proc.stdout + proc.stderr
+    assert sha256(Path(run_copy["ckpt_dir"]) / "checkpoint.pt") == before
+
+
+def test_resume_continues_then_fresh_start_keeps_old_files(run_copy):
+    ckpt = Path(run_copy["ckpt_dir"])
+    proc = run_bundle("training", ["configs/train.json"], {**run_copy, "max_epochs": 3})
+    assert "resumed from" in proc.stdout and "epoch 2, iteration 2" in proc.stdout
+    state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
+
+    old = sha256(ckpt / "checkpoint.pt")
+    run_bundle("training", ["configs/train.json"], {**run_copy, "max_epochs": 1, "resume": False})
+    backups = list(ckpt.glob("checkpoint.pt.*.bak"))
+    assert len(backups) == 1 and sha256(backups[0]) == old
+    assert list(ckpt.glob("model.pt.*.bak"))
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 1
+
+
+def test_string_false_is_refused(run_copy):
+    proc = run_bundle("training", ["configs/train.json"], {**run_copy, "max_epochs": 3, "resume": "false"}, check=False)
+    assert proc.returncode != 0 and "--resume False" in proc.stdout + proc.stderr
+
+
+def test_evaluate_writes_dice_by_organ_and_pictures(trained, tmp_path):
+    out = tmp_path / "eval"
+    run_bundle("evaluating", ["configs/train.json", "configs/evaluate.json"], {**trained["overrides"], "output_dir": str(out)})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["class_dice"]) == ORGANS
+    assert metrics["class_dice"]["esophagus"] is None  # not in the slab: absent, not zero
+    present = [v for v in metrics["class_dice"].values() if v is not None]
+    assert len(present) == 12 and all(0.0 <= v <= 1.0 for v in present)
+    assert metrics["mean_dice"] == pytest.approx(sum(present) / 12, abs=1e-5)
+    assert [c["case"] for c in metrics["cases"]] == ["img0001"]
+    png = Image.open(out / "img0001.png")
+    assert png.mode == "RGB" and png.width > 2.5 * (png.height - 16)  # image | label | prediction
+
+
+@pytest.fixture()
+def input_dir(tmp_path, sample_dir) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(sample_dir / "ct_slab.nii.gz", d / "slab.nii.gz")
+    return d
+
+
+def test_inference_nifti_on_the_input_grid(trained, input_dir, tmp_path):
+    before = sha256(input_dir / "slab.nii.gz")
+    out = tmp_path / "seg"
+    run_bundle("inference", ["configs/inference.json"],
+               {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)})
+    seg, img = nib.load(out / "slab_seg.nii.gz"), nib.load(input_dir / "slab.nii.gz")
+    assert seg.shape == img.shape and np.allclose(seg.affine, img.affine, atol=1e-4)
+    data = np.asarray(seg.dataobj)
+    assert data.dtype == np.uint8 and data.max() <= 13
+    assert sha256(input_dir / "slab.nii.gz") == before and sorted(os.listdir(input_dir)) == ["slab.nii.gz"]
+
+
+def test_inference_refuses_output_in_input_folder(trained, input_dir):
+    proc = run_bundle("inference", ["configs/inference.json"],
+                      {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(input_dir)},
+                      check=False)
+    assert proc.returncode != 0 and "is the input folder" in proc.stdout + proc.stderr
+    assert sorted(os.listdir(input_dir)) == ["slab.nii.gz"]
+
+
+def write_dicom_series(nifti: Path, folder: Path) -> tuple[int, ...]:
+    """Write ``nifti`` as a DICOM series (one file per slice) with ITK; returns the volume's ITK size."""
+    import itk
+
+    image = itk.imread(str(nifti), itk.SS)
+    size = tuple(itk.size(image))
+    folder.mkdir(parents=True)
+    names = [str(folder / f"slice{i:03d}.dcm") for i in range(size[2])]
+    origin, spacing = np.array(itk.origin(image)), np.array(itk.spacing(image))
+    direction = itk.array_from_matrix(image.GetDirection())
+    dicts = []
+    for i in range(size[2]):
+        d = itk.MetaDataDictionary()
+        pos = origin + direction @ np.array([0.0, 0.0, i * spacing[2]])
+        d["0020|0032"] = "\\".join(f"{v:.4f}" for v in pos)
+        d["0020|0037"] = "\\".join(f"{v:.6f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
+        d["0020|0013"] = str(i + 1)
+        d["0028|0030"] = f"{spacing[1]:.4f}\\{spacing[0]:.4f}"
+        d["0018|0050"] = f"{spacing[2]:.4f}"
+        d["0008|0060"] = "CT"
+        d["0020|000e"] = "1.2.826.0.1.3680043.2.1125.1"
+        dicts.append(d)
+    io = itk.GDCMImageIO.New()
+    io.KeepOriginalUIDOn()
+    writer = itk.ImageSeriesWriter[itk.Image[itk.SS, 3], itk.Image[itk.SS, 2]].New(
+        Input=image, FileNames=names, ImageIO=io, MetaDataDictionaryArray=dicts
+    )
+    writer.Update()
+    return size
+
+
+def test_inference_dicom_series_folder(trained, tmp_path, sample_dir):
+    inp = tmp_path / "dicom_in"
+    size = write_dicom_series(sample_dir / "ct_slab.nii.gz", inp / "series1")
+    out = tmp_path / "seg"
+    run_bundle("inference", ["configs/inference.json"],
+               {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(inp), "output_dir": str(out)})
+    seg = nib.load(out / "series1_seg.nii.gz")
+    assert sorted(seg.shape) == sorted(size)  # one label per input voxel, on the series' own grid
+    assert np.asarray(seg.dataobj).max() <= 13
+
+
+def test_torchscript_export_reproduces_eager(trained, tmp_path):
+    ts = tmp_path / "model.ts"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+           "--ckpt_file", str(Path(trained["ckpt_dir"]) / "model.pt"), "--meta_file", "configs/metadata.json",
+           "--config_file", "configs/inference.json", "--use_trace", "True", "--input_shape", "[1,1,64,64,64]",
+           *cli({"feature_size": 12})]
+    proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    traced = torch.jit.load(str(ts))
+    net = small_net().eval()
+    net.load_state_dict(torch.load(Path(trained["ckpt_dir"]) / "model.pt", weights_only=True))
+    x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(traced(x), net(x), atol=1e-4)
+
+
+@pytest.mark.parametrize(("workflow_type", "configs"), [("train", ["train.json"]), ("infer", ["inference.json"])])
+def test_monai_property_check_is_empty(workflow_type, configs, monkeypatch):
+    monkeypatch.chdir(BTCV)
+    wf = ConfigWorkflow(config_file=[f"configs/{c}" for c in configs], workflow_type=workflow_type)
+    assert not wf.check_properties()
+
+
+def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):
+    """A copied-out bundle carries its own `custom/` and runs with no path back into the repository."""
+    copy = tmp_path / "elsewhere" / "swin_unetr_btcv"
+    shutil.copytree(BTCV, copy, ignore=shutil.ignore_patterns("models", "outputs", "__pycache__"))
+    assert (copy / "custom").is_dir() and not (copy / "custom").is_symlink()
+    assert not [p for p in copy.rglob("*") if p.is_symlink()]
+    assert REPO not in copy.parents
+    out = tmp_path / "seg"
+    proc = run_bundle("inference", ["configs/inference.json"],
+                      {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)},
+                      cwd=copy, python_args=("-X", "importtime"))
+    assert (out / "slab_seg.nii.gz").is_file()
+    custom_imports = [line for line in proc.stderr.splitlines() if line.rstrip().endswith(" custom")]
+    assert custom_imports, "custom was not imported"
+
+
+@pytest.fixture(scope="module")
+def two_case_dataset(tmp_path_factory, sample_dataset) -> Path:
+    """Two cases (the slab twice) so that each of two ranks gets one."""
+    d = tmp_path_factory.mktemp("two_cases")
+    for sub in ("imagesTr", "labelsTr"):
+        (d / sub).mkdir()
+    case = []
+    for i in (1, 2):
+        os.symlink((sample_dataset / "imagesTr/img0001.nii.gz").resolve(), d / f"imagesTr/img000{i}.nii.gz")
+        os.symlink((sample_dataset / "labelsTr/label0001.nii.gz").resolve(), d / f"labelsTr/label000{i}.nii.gz")
+        case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
+    (d / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
+    return d
+
+
+def torchrun(run_id: str, configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", run_id, "--config_file", repr(configs), *cli(overrides)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc
+
+
+def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp_path):
+    """DDP with gloo: 2 ranks train, validation is reduced over both, only rank 0 writes."""
+    overrides = {**SMALL, "dataset_dir": str(two_case_dataset), "ckpt_dir": str(tmp_path / "models"),
+                 "output_dir": str(tmp_path / "outputs"), "max_epochs": 1, "val_interval": 1, "num_samples": 1,
+                 "use_checkpoint": False, "warmup_epochs": 0}
+    torchrun("training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides)
+    state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 1  # 2 cases / 2 ranks = 1 step per rank
+    assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped, loadable anywhere
+    small_net().load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+
+    torchrun("evaluating", ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"], overrides)
+    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert [c["case"] for c in metrics["cases"]] == ["img0001", "img0002"]  # gathered from both ranks
+    assert metrics["cases"][0]["dice"] == metrics["cases"][1]["dice"]  # same volume, same weights
