@@ -43,7 +43,7 @@ DEMO_OVERRIDES = {
 DEMO_TRAINING = {
     "max_epochs": 6,
     "epoch_length": 10,
-    "val_interval": 3,
+    "val_interval": 6,
     "warmup_epochs": 0,
     "learning_rate": 1e-3,
     "num_samples": 2,

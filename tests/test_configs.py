@@ -1,0 +1,54 @@
+"""The bundle's files agree with each other and with the collection's contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import BTCV
+
+CONFIGS = sorted((BTCV / "configs").glob("*.json"))
+#: values inference.json must repeat from train.json (MONAI Label and users run inference.json alone)
+SHARED_WITH_INFERENCE = ["num_classes", "pixdim", "intensity_range", "roi_size", "feature_size", "legacy_merging",
+                         "sw_batch_size", "overlap", "amp", "bundle_root", "ckpt_dir", "dataset_dir", "device"]
+CONTRACT_TRAIN_IDS = ["bundle_root", "device", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "roi_size",
+                      "feature_size", "max_epochs", "epoch_length", "batch_size", "num_samples", "learning_rate",
+                      "val_interval", "amp", "num_workers", "cache_rate", "pretrained_path"]
+CONTRACT_INFER_IDS = ["input_dir", "output_dir", "ckpt_dir", "roi_size", "feature_size", "sw_batch_size", "overlap", "amp"]
+
+
+def load(name: str) -> dict:
+    return json.loads((BTCV / "configs" / name).read_text())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_json_is_formatted_the_model_zoo_way(path):
+    text = path.read_text()
+    assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name}: 4-space indent, key order kept"
+
+
+def test_inference_repeats_the_training_recipe_exactly():
+    train, infer = load("train.json"), load("inference.json")
+    drift = {k: (train[k], infer[k]) for k in SHARED_WITH_INFERENCE if train[k] != infer[k]}
+    assert not drift, f"train.json and inference.json disagree: {drift}"
+    assert train["network_def"]["downsample"] == infer["network_def"]["downsample"]
+
+
+def test_contract_ids_present():
+    train, infer = load("train.json"), load("inference.json")
+    assert [k for k in CONTRACT_TRAIN_IDS if k not in train] == []
+    assert [k for k in CONTRACT_INFER_IDS if k not in infer] == []
+    assert train["ckpt_dir"] == infer["ckpt_dir"] == "$@bundle_root + '/models'"
+    assert {"training", "run", "check_data"} <= set(train) and {"inference", "run"} <= set(infer)
+    assert {"evaluating", "run"} <= set(load("evaluate.json"))
+
+
+def test_metadata_matches_the_network():
+    meta, train = load("metadata.json"), load("train.json")
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == train["num_classes"] == len(pred["channel_def"])
+    assert pred["channel_def"]["0"] == "background" and pred["channel_def"]["13"] == "left adrenal gland"
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == train["roi_size"]
+    assert all(s % 32 == 0 for s in train["roi_size"])
+    assert meta["version"] in meta["changelog"]
