@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .sample_data import DEFAULT_SAMPLE_DIR, prepare_sample_dataset
 
-__all__ = ["DEMO_OVERRIDES", "run_demo", "bundle_command"]
+__all__ = ["DEMO_OVERRIDES", "DEMO_TRAINING", "bundle_command", "cli_args", "run_demo"]
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "swin_unetr_btcv"
@@ -52,7 +52,7 @@ DEMO_TRAINING = {
 }
 
 
-def _cli(overrides: dict) -> list[str]:
+def cli_args(overrides: dict) -> list[str]:
     """``{"roi_size": [64, 64, 64]}`` -> ``["--roi_size", "[64, 64, 64]"]`` (values as Python literals)."""
     args = []
     for k, v in overrides.items():
@@ -63,7 +63,7 @@ def _cli(overrides: dict) -> list[str]:
 def bundle_command(run_id: str, config_files: list[str], overrides: dict) -> list[str]:
     """The ``python -m monai.bundle run`` command line a user would type inside the bundle folder."""
     files = config_files[0] if len(config_files) == 1 else repr(config_files)
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *_cli(overrides)]
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *cli_args(overrides)]
 
 
 def _run_stage(name: str, cmd: list[str], log: Path) -> None:

@@ -17,25 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 BTCV = REPO / "swin_unetr_btcv"
 sys.path.insert(0, str(REPO))
 
+from bundles.demo import DEMO_OVERRIDES, bundle_command  # noqa: E402
+from bundles.demo import cli_args as cli  # noqa: E402
 from bundles.sample_data import DEFAULT_SAMPLE_DIR, prepare_sample_dataset  # noqa: E402
 
-#: overrides every bundle command in the tests shares
-SMALL = {
-    "feature_size": 12,
-    "roi_size": [64, 64, 64],
-    "pixdim": [3.0, 3.0, 3.0],
-    "amp": False,
-    "num_workers": 0,
-    "sw_batch_size": 2,
-    "overlap": 0.25,
-}
-
-
-def cli(overrides: dict) -> list[str]:
-    args: list[str] = []
-    for k, v in overrides.items():
-        args += [f"--{k}", v if isinstance(v, str) else repr(v)]
-    return args
+#: overrides every bundle command in the tests shares: the demo's small sizes, a cheaper sliding window
+SMALL = {**DEMO_OVERRIDES, "sw_batch_size": 2, "overlap": 0.25}
 
 
 def run_bundle(
@@ -48,8 +35,8 @@ def run_bundle(
     python_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run <run_id>`` in ``cwd`` with PYTHONPATH cleared, as a user runs it."""
-    files = configs[0] if len(configs) == 1 else repr(configs)
-    cmd = [sys.executable, *python_args, "-m", "monai.bundle", "run", run_id, "--config_file", files, *cli(overrides)]
+    cmd = bundle_command(run_id, configs, overrides)
+    cmd[1:1] = python_args
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env)
