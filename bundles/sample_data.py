@@ -7,6 +7,8 @@ with ``custom.label_import``) and one unlabelled full CT. The dataset folder get
     labelsTr/label0001.nii.gz   its labels in BTCV indices (written)
     imagesTs/ct_full.nii.gz     the full CT to segment (link)
     dataset_0.json              the slab as both the training and the validation case
+    ssl_dataset.json            for self-supervised pre-training: the full CT to train on, the slab
+                                (another volume) for the held-out reconstruction loss
 
 With one labelled volume the validation case is the training case: Dice measured on it shows that
 the pipeline learns the anatomy, not how well a model generalises.
@@ -55,4 +57,6 @@ def prepare_sample_dataset(out_dir: str | os.PathLike, sample_dir: str | os.Path
     }
     path = out / "dataset_0.json"
     path.write_text(json.dumps(datalist, indent=4) + "\n")
+    ssl = {"training": [{"image": "imagesTs/ct_full.nii.gz"}], "validation": [{"image": "imagesTr/img0001.nii.gz"}]}
+    (out / "ssl_dataset.json").write_text(json.dumps(ssl, indent=4) + "\n")
     return path

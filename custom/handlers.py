@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,12 +155,27 @@ class TrainingCheckpoint:
 
 
 class BestModelSaver:
-    """Write the network's weights (a plain state_dict) to ``<save_dir>/<filename>`` whenever the
-    evaluator's key metric reaches a new best. Attach to the evaluator; atomic, rank 0 only."""
+    """Write the network's weights to ``<save_dir>/<filename>`` whenever the evaluator's key metric
+    reaches a new best. Attach to the evaluator; atomic, rank 0 only.
 
-    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt") -> None:
+    Args:
+        save_dir: the bundle's ``ckpt_dir``.
+        network: the model (a DDP wrapper is unwrapped).
+        filename: ``model.pt`` for the fine-tuning bundles.
+        state_transform: maps the plain state_dict to what is saved (the SSL bundle writes the
+            released ``model_swinvit.pt`` layout); None saves the state_dict itself.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        filename: str = "model.pt",
+        state_transform: Callable[[dict], Any] | None = None,
+    ) -> None:
         self.path = Path(save_dir) / filename
         self.network = network
+        self.state_transform = state_transform
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -169,7 +184,8 @@ class BestModelSaver:
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch == engine.state.epoch and is_main_process():
-            atomic_torch_save(_module(self.network).state_dict(), self.path)
+            state = _module(self.network).state_dict()
+            atomic_torch_save(state if self.state_transform is None else self.state_transform(state), self.path)
             logger.info(
                 f"saved {self.path}: best {engine.state.key_metric_name} {engine.state.best_metric:.4f} "
                 f"at epoch {engine.state.epoch}"

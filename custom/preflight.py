@@ -34,22 +34,24 @@ class DataCheck:
     """Preflight of a decathlon-style datalist.
 
     Args:
-        datalist: path of the datalist JSON.
+        datalist: path of the datalist JSON, or a list of paths (the SSL bundle reads several).
         dataset_dir: folder the datalist's relative paths start from; no path may leave it.
         num_classes: labels must lie in ``0 .. num_classes - 1``.
         roi_size: the training crop; volumes smaller than it after resampling are reported as padded.
-        pixdim: the target spacing (mm) the bundle resamples to.
+        pixdim: the target spacing (mm) the bundle resamples to; None = kept as stored.
         sections: datalist lists to check (``training`` must be present and non-empty).
         affine_tolerance: largest allowed difference (mm) between image and label affines.
+        require_labels: training and validation entries need a ``label`` (not for self-supervision).
     """
 
-    datalist: str
+    datalist: str | Sequence[str]
     dataset_dir: str
     num_classes: int
     roi_size: Sequence[int] = (96, 96, 96)
-    pixdim: Sequence[float] = (1.5, 1.5, 2.0)
+    pixdim: Sequence[float] | None = (1.5, 1.5, 2.0)
     sections: Sequence[str] = ("training", "validation")
     affine_tolerance: float = 1e-3
+    require_labels: bool = True
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -60,21 +62,22 @@ class DataCheck:
             DataCheckError: at least one problem was found (all are listed).
         """
         self.problems, self.notes = [], []
-        cases = self._read_datalist()
+        files = [self.datalist] if isinstance(self.datalist, (str, os.PathLike)) else list(self.datalist)
+        cases = [case for f in files for case in self._read_datalist(f)]
         for section, item in cases:
             self._check_case(section, item)
         for note in self.notes:
             logger.info(note)
         if self.problems:
-            text = f"check_data found {len(self.problems)} problem(s) in {self.datalist}:\n  " + "\n  ".join(self.problems)
+            text = f"check_data found {len(self.problems)} problem(s) in {', '.join(map(str, files))}:\n  " + "\n  ".join(self.problems)
             logger.error(text)
             raise DataCheckError(text)
-        logger.info(f"check_data: {len(cases)} cases in {self.datalist} look usable")
+        logger.info(f"check_data: {len(cases)} cases in {', '.join(map(str, files))} look usable")
         return len(cases)
 
     # -- datalist ---------------------------------------------------------------------------------
-    def _read_datalist(self) -> list[tuple[str, dict]]:
-        path = Path(self.datalist)
+    def _read_datalist(self, datalist: str) -> list[tuple[str, dict]]:
+        path = Path(datalist)
         if not path.is_file():
             self.problems.append(f"{path}: datalist not found")
             return []
@@ -97,6 +100,8 @@ class DataCheck:
                 self.problems.append(f"{path}: '{section}' must be a non-empty list of {{'image', 'label'}} entries")
                 continue
             for i, item in enumerate(items):
+                if isinstance(item, str):
+                    item = {"image": item}
                 if not isinstance(item, dict) or "image" not in item:
                     self.problems.append(f"{path}: {section}[{i}] has no 'image'")
                     continue
@@ -129,8 +134,8 @@ class DataCheck:
 
     def _check_case(self, section: str, item: dict) -> None:
         image_path = self._resolve(item["image"], "image")
-        label_path = self._resolve(item["label"], "label") if "label" in item else None
-        if "label" not in item and section in ("training", "validation"):
+        label_path = self._resolve(item["label"], "label") if "label" in item and self.require_labels else None
+        if self.require_labels and "label" not in item and section in ("training", "validation"):
             self.problems.append(f"{item['image']}: {section} entry has no 'label'")
         if image_path is None:
             return
@@ -167,10 +172,11 @@ class DataCheck:
 
     def _check_size(self, path: Path, img) -> None:
         zooms = img.header.get_zooms()[:3]
-        resampled = [math.floor(n * z / p) for n, z, p in zip(img.shape[:3], zooms, self.pixdim)]
+        pixdim = zooms if self.pixdim is None else self.pixdim
+        resampled = [math.floor(n * z / p) for n, z, p in zip(img.shape[:3], zooms, pixdim)]
         small = [i for i, (n, r) in enumerate(zip(resampled, self.roi_size)) if n < r]
         if small:
             self.notes.append(
-                f"{path}: {tuple(resampled)} voxels after resampling to {tuple(self.pixdim)} mm, smaller than roi_size "
+                f"{path}: {tuple(resampled)} voxels at {tuple(float(p) for p in pixdim)} mm, smaller than roi_size "
                 f"{tuple(self.roi_size)} on axis {small}: it is zero-padded to the ROI (background) before cropping"
             )

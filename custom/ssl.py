@@ -1,0 +1,351 @@
+"""Self-supervised pre-training of the Swin UNETR encoder (Tang et al., CVPR 2022): model, views, loss.
+
+MONAI has the encoder (``SwinTransformer``, as used inside ``SwinUNETR``), the blocks and the NT-Xent
+loss (``ContrastiveLoss``); it has none of the paper's proxy-task heads, its view generation or the
+combined loss. What is here, with the source of each recipe fact:
+
+- :class:`SSLHead`: the encoder plus three heads on its last stage (16 x feature_size channels at
+  1/32 of the input): a 4-way rotation classifier on the first token, a 512-d contrastive projection
+  on the second token, and a reconstruction decoder of five (3^3 conv, instance norm, LeakyReLU,
+  x2 trilinear upsampling) blocks halving the channels down to feature_size, then a 1^3 conv
+  (paper and its research code).
+- :class:`SSLViews`: two views per crop, each rotated by k x 90 degrees in one plane (k is the
+  rotation label), then corrupted by masked-volume inpainting: random boxes (edges 5-25 % of the
+  crop per axis) are filled with noise until their summed volume reaches U(0, 0.3) of the crop, then
+  a second set of boxes is swapped in from another sample of the batch. The research code does this
+  per sample in Python loops with host round trips; here it is batched on the training device: a
+  fixed pool of candidate boxes per sample, rasterised with a 3-D difference array, no host sync.
+- :class:`SSLLoss`: cross-entropy of the rotation (both views) + NT-Xent (temperature 0.5, positives
+  = the two views) + L1 between the reconstruction and the uncorrupted rotated view; weights 1/1/1,
+  each term reported. Under DDP the contrastive embeddings are gathered from every rank (gradients
+  flow to the local part) so the negatives are the global batch; the research code kept negatives
+  per GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.losses import ContrastiveLoss
+from monai.networks.blocks import Convolution
+from monai.networks.nets.swin_unetr import SwinTransformer
+from torch import nn
+
+from .weights import ENCODER_PREFIX, monai_to_released_key, released_to_monai_key
+
+__all__ = [
+    "SSLHead",
+    "ReconstructionDecoder",
+    "SSLViews",
+    "SSLLoss",
+    "gather_with_local_grad",
+    "ssl_state_to_released",
+    "released_to_ssl_state",
+]
+
+
+class ReconstructionDecoder(nn.Sequential):
+    """Feature map ``(B, dim, d, h, w)`` -> image ``(B, out_channels, 32d, 32h, 32w)``.
+
+    Five blocks of (conv 3^3 -> instance norm -> LeakyReLU -> x2 trilinear upsampling) with channels
+    dim -> dim/2 -> dim/4 -> dim/8 -> dim/16 -> dim/16, then a 1^3 conv (the paper's decoder).
+    """
+
+    def __init__(self, dim: int, out_channels: int = 1, num_blocks: int = 5) -> None:
+        chans = [dim] + [max(dim // 2 ** (i + 1), dim // 16) for i in range(num_blocks)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [
+                Convolution(3, c_in, c_out, kernel_size=3, norm="instance", act=("leakyrelu", {"inplace": True})),
+                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+            ]
+        layers.append(nn.Conv3d(chans[-1], out_channels, kernel_size=1))
+        super().__init__(*layers)
+
+
+class SSLHead(nn.Module):
+    """Swin encoder with the rotation, contrastive and reconstruction heads.
+
+    Args:
+        in_channels: image channels (1 for CT).
+        feature_size: encoder width; the last stage has ``16 * feature_size`` channels (768 at 48).
+        use_checkpoint: gradient checkpointing in the encoder (less memory, slower steps).
+        downsample: ``"merging"`` (MONAI >= 1.5) or a patch-merging class (see ``custom.networks``).
+        rotation_classes: 4 (0, 90, 180, 270 degrees).
+        contrastive_dim: 512 in the paper.
+
+    The encoder is stored as ``swinViT``, as in ``SwinUNETR``, so its weights move between the two
+    by name. Input ``(B, C, X, Y, Z)`` with every spatial size a multiple of 32.
+
+    Returns from ``forward`` a dict: ``rotation`` ``(B, 4)`` logits, ``contrastive`` ``(B, 512)``,
+    ``reconstruction`` ``(B, C, X, Y, Z)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        feature_size: int = 48,
+        use_checkpoint: bool = False,
+        downsample: str | type[nn.Module] = "merging",
+        rotation_classes: int = 4,
+        contrastive_dim: int = 512,
+    ) -> None:
+        super().__init__()
+        if feature_size % 12 != 0:
+            raise ValueError(f"feature_size must be divisible by 12 (heads 3,6,12,24), got {feature_size}.")
+        self.swinViT = SwinTransformer(
+            in_chans=in_channels,
+            embed_dim=feature_size,
+            window_size=(7, 7, 7),
+            patch_size=(2, 2, 2),
+            depths=(2, 2, 2, 2),
+            num_heads=(3, 6, 12, 24),
+            use_checkpoint=use_checkpoint,
+            spatial_dims=3,
+            downsample=downsample,
+        )
+        dim = 16 * feature_size
+        self.rotation_head = nn.Linear(dim, rotation_classes)
+        self.contrastive_head = nn.Linear(dim, contrastive_dim)
+        self.reconstruction_head = ReconstructionDecoder(dim, out_channels=in_channels)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        bad = [s for s in x.shape[2:] if s % 32]
+        if x.ndim != 5 or bad:
+            raise ValueError(f"SSLHead expects (B, C, X, Y, Z) with sizes divisible by 32, got {tuple(x.shape)}.")
+        features = self.swinViT(x.contiguous())[4]  # (B, 16F, X/32, Y/32, Z/32)
+        tokens = features.flatten(2).transpose(1, 2)  # (B, N, 16F)
+        return {
+            "rotation": self.rotation_head(tokens[:, 0]),
+            "contrastive": self.contrastive_head(tokens[:, 1]),
+            "reconstruction": self.reconstruction_head(features),
+        }
+
+
+class SSLViews:
+    """Batched view generation on the training device: rotation, then inpainting corruption.
+
+    Args:
+        rotation_dims: the two spatial axes of the rotation plane, counted in the ``(X, Y, Z)`` of
+            the crop (0-based). ``(1, 2)`` is the research code's plane; it must be square.
+        max_masked_fraction: each sample's noise target is U(0, this) of the crop volume (0.3).
+        box_size: box edge range as fractions of the crop size per axis (0.05, 0.25).
+        max_boxes: candidate boxes per sample and pass; boxes are used in order until their summed
+            volume reaches the target (expected about 60 at the defaults; 128 leave a wide margin).
+        swap: also swap in boxes from another sample of the batch (needs batch size > 1).
+        seed: seed of the generator these views own (one per device); None draws one from torch.
+
+    Calling it on ``x`` ``(B, C, X, Y, Z)`` returns a dict: ``view1``, ``view2`` (corrupted inputs),
+    ``target1``, ``target2`` (rotated, uncorrupted), ``rotation1``, ``rotation2`` (``(B,)`` labels
+    k in 0..3), ``mask1``, ``mask2`` (``(B, 1, X, Y, Z)`` bool, voxels replaced by noise or swap).
+
+    Example:
+        >>> views = SSLViews(seed=0)(torch.rand(2, 1, 32, 32, 32))
+        >>> views["view1"].shape, views["rotation1"].shape
+        (torch.Size([2, 1, 32, 32, 32]), torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        rotation_dims: Sequence[int] = (1, 2),
+        max_masked_fraction: float = 0.3,
+        box_size: Sequence[float] = (0.05, 0.25),
+        max_boxes: int = 128,
+        swap: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if len(rotation_dims) != 2 or len(set(rotation_dims)) != 2 or not all(0 <= d < 3 for d in rotation_dims):
+            raise ValueError(f"rotation_dims must be two different axes among 0, 1, 2; got {rotation_dims}.")
+        if not 0 <= max_masked_fraction <= 1:
+            raise ValueError(f"max_masked_fraction must lie in [0, 1], got {max_masked_fraction}.")
+        if not 0 < box_size[0] <= box_size[1] <= 1:
+            raise ValueError(f"box_size must satisfy 0 < min <= max <= 1, got {box_size}.")
+        self.rotation_dims = tuple(d + 2 for d in rotation_dims)
+        self.max_masked_fraction = float(max_masked_fraction)
+        self.box_size = (float(box_size[0]), float(box_size[1]))
+        self.max_boxes = int(max_boxes)
+        self.swap = swap
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def reset(self) -> None:
+        """Forget the generators: the next call starts again from ``seed`` (used for validation)."""
+        self._generators.clear()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._generators:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return self._generators[device]
+
+    def rotate(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Rotate sample b of ``x`` by ``k[b] * 90`` degrees in the rotation plane: one gather, no host sync.
+
+        The four in-plane permutations are ``torch.rot90`` of an index grid; each sample gathers
+        through its own, so the result equals ``torch.rot90(x[b], k[b], plane)`` exactly.
+        """
+        a, b = self.rotation_dims
+        n = x.shape[a]
+        if x.shape[b] != n:
+            raise ValueError(f"the rotation plane must be square, got sizes {x.shape[a]} and {x.shape[b]}.")
+        grid = torch.arange(n * n, device=x.device).view(n, n)
+        maps = torch.stack([torch.rot90(grid, r, dims=(0, 1)).reshape(-1) for r in range(4)])  # (4, n*n)
+        moved = x.movedim((a, b), (-2, -1))
+        flat = moved.reshape(*moved.shape[:-2], n * n)
+        index = maps[k].view(x.shape[0], *[1] * (flat.ndim - 2), n * n).expand_as(flat)
+        return torch.gather(flat, -1, index).view(moved.shape).movedim((-2, -1), (a, b))
+
+    def box_mask(self, shape: Sequence[int], device: torch.device, gen: torch.Generator) -> torch.Tensor:
+        """Union of random boxes covering about U(0, max_masked_fraction) of each sample: ``(B, 1, X, Y, Z)`` bool.
+
+        Rasterised with a 3-D difference array: each kept box adds +-1 at its 8 corners, three
+        cumulative sums turn that into per-voxel box counts. Cost O(B * (K + X*Y*Z)), whatever the
+        number and size of the boxes.
+        """
+        batch, spatial = shape[0], list(shape[2:])
+        k = self.max_boxes
+        target = torch.rand(batch, generator=gen, device=device) * self.max_masked_fraction
+        volume = torch.ones(batch, k, device=device)
+        starts, ends = [], []
+        for size in spatial:
+            lo = max(1, round(self.box_size[0] * size))
+            hi = max(lo, int(self.box_size[1] * size))
+            length = torch.randint(lo, hi + 1, (batch, k), generator=gen, device=device)
+            start = (torch.rand(batch, k, generator=gen, device=device) * (size - length + 1)).long()
+            starts.append(start)
+            ends.append(start + length)
+            volume = volume * length / size
+        # boxes in order until the summed volume reaches the target (the box that crosses it is kept)
+        keep = ((volume.cumsum(1) - volume) < target[:, None]).float()
+        padded = [s + 1 for s in spatial]
+        diff = torch.zeros(batch * padded[0] * padded[1] * padded[2], device=device)
+        b = torch.arange(batch, device=device)[:, None].expand(batch, k)
+        for cx, cy, cz in itertools.product((0, 1), repeat=3):
+            x = ends[0] if cx else starts[0]
+            y = ends[1] if cy else starts[1]
+            z = ends[2] if cz else starts[2]
+            sign = -1.0 if (cx + cy + cz) % 2 else 1.0
+            index = ((b * padded[0] + x) * padded[1] + y) * padded[2] + z
+            diff.index_add_(0, index.reshape(-1), (sign * keep).reshape(-1))
+        count = diff.view(batch, *padded).cumsum(1).cumsum(2).cumsum(3)
+        return (count[:, : spatial[0], : spatial[1], : spatial[2]] > 0.5)[:, None]
+
+    def corrupt(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise boxes, then (optionally) boxes from another sample. Returns (corrupted, mask)."""
+        mask = self.box_mask(x.shape, x.device, gen)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        lo = noise.flatten(1).amin(1).view(-1, *[1] * (x.ndim - 1))
+        hi = noise.flatten(1).amax(1).view(-1, *[1] * (x.ndim - 1))
+        out = torch.where(mask, (noise - lo) / (hi - lo), x)  # noise scaled to 0..1 like the images
+        if self.swap and x.shape[0] > 1:
+            partner = (torch.arange(x.shape[0], device=x.device) + torch.randint(1, x.shape[0], (x.shape[0],), generator=gen, device=x.device)) % x.shape[0]
+            swap_mask = self.box_mask(x.shape, x.device, gen)
+            out = torch.where(swap_mask, out[partner], out)
+            mask = mask | swap_mask
+        return out, mask
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 5:
+            raise ValueError(f"SSLViews expects (B, C, X, Y, Z), got shape {tuple(x.shape)}.")
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> Tensor: no metadata to track here
+        gen = self.generator(x.device)
+        out: dict[str, torch.Tensor] = {}
+        for i in (1, 2):
+            k = torch.randint(0, 4, (x.shape[0],), generator=gen, device=x.device)
+            target = self.rotate(x, k)
+            view, mask = self.corrupt(target, gen)
+            out.update({f"view{i}": view, f"target{i}": target, f"rotation{i}": k, f"mask{i}": mask})
+        return out
+
+
+def gather_with_local_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every DDP rank in rank order; gradients flow to this rank's part only.
+
+    ``all_gather`` has no gradient, so the local slot is replaced by the local tensor itself. Needs the
+    same shape on every rank (the bundles' SSL data loader drops the last incomplete batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
+class SSLLoss(nn.Module):
+    """``L = w_rot * CE(rotation) + w_con * NT-Xent(z1, z2) + w_rec * L1(reconstruction, rotated crop)``.
+
+    ``forward(pred, target)`` takes the model's outputs for ``cat([view1, view2])`` (so the first half
+    of each output is view 1) and ``target`` = ``{"rotation": (2B,), "reconstruction": (2B, C, ...)}``.
+    Returns the total; the three unweighted terms of the last call are in ``self.terms``.
+
+    Under DDP (``global_negatives``) the NT-Xent is computed on the embeddings of all ranks and its
+    gradient is multiplied by the world size: DDP averages gradients over ranks, and the gathered loss
+    already holds every rank's samples, so without the factor the contrastive gradient would be 1/W
+    of the single-process one. Its value is unchanged.
+
+    Example (two identical embeddings per view: NT-Xent = log(2N - 1)):
+        >>> loss = SSLLoss(rotation_weight=0, reconstruction_weight=0)
+        >>> pred = {"rotation": torch.zeros(4, 4), "contrastive": torch.ones(4, 8), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}
+        >>> round(loss(pred, {"rotation": torch.zeros(4, dtype=torch.long), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}).item(), 4)
+        1.0986
+    """
+
+    def __init__(
+        self,
+        rotation_weight: float = 1.0,
+        contrastive_weight: float = 1.0,
+        reconstruction_weight: float = 1.0,
+        temperature: float = 0.5,
+        global_negatives: bool = True,
+    ) -> None:
+        super().__init__()
+        self.weights = {"rotation": rotation_weight, "contrastive": contrastive_weight, "reconstruction": reconstruction_weight}
+        self.contrastive = ContrastiveLoss(temperature=temperature)
+        self.global_negatives = global_negatives
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
+        rotation = F.cross_entropy(pred["rotation"].float(), target["rotation"])
+        z1, z2 = pred["contrastive"].float().chunk(2)
+        if self.global_negatives:
+            z1, z2 = gather_with_local_grad(z1), gather_with_local_grad(z2)
+        contrastive = self.contrastive(z1, z2)
+        world = dist.get_world_size() if self.global_negatives and dist.is_available() and dist.is_initialized() else 1
+        contrastive_for_grad = contrastive + (world - 1) * (contrastive - contrastive.detach())
+        reconstruction = F.l1_loss(pred["reconstruction"].float(), target["reconstruction"].float())
+        self.terms = {"rotation": rotation.detach(), "contrastive": contrastive.detach(), "reconstruction": reconstruction.detach()}
+        return (
+            self.weights["rotation"] * rotation
+            + self.weights["contrastive"] * contrastive_for_grad
+            + self.weights["reconstruction"] * reconstruction
+        )
+
+
+def ssl_state_to_released(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """An :class:`SSLHead` state_dict in the layout of the paper's released ``model_swinvit.pt``.
+
+    Encoder tensors get the released names (``module.layers1.0.blocks.0.mlp.fc1.weight``, ...), so the
+    file loads into the BTCV/MSD bundles' ``pretrained_path`` with every encoder tensor matched; the
+    heads follow under ``module.`` (ignored there, and read back by :func:`released_to_ssl_state`).
+    """
+    out = {}
+    for key, value in state.items():
+        new = monai_to_released_key(key) if key.startswith(ENCODER_PREFIX) else f"module.{key}"
+        out[new] = value
+    return {"state_dict": out}
+
+
+def released_to_ssl_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`ssl_state_to_released`: a state_dict :class:`SSLHead` loads strictly."""
+    state = checkpoint.get("state_dict", checkpoint)
+    out = {}
+    for key, value in state.items():
+        encoder_key = released_to_monai_key(key)
+        out[encoder_key if encoder_key is not None else key.removeprefix("module.")] = value
+    return out

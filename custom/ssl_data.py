@@ -1,0 +1,575 @@
+"""Data for self-supervised pre-training: a one-time preprocessed corpus and a memory-mapped crop dataset.
+
+    python -m custom.ssl_data --datalist a.json b.json --dataset_dir /data --out_dir /data/ssl_corpus
+
+The paper (Tang et al., CVPR 2022) pre-trains on 5,050 unlabeled CTs. Its code (research-contributions
+``SwinUNETR/Pretrain/utils/data_utils.py``) loads each NIfTI, reorients it to RAS, windows it
+(``ScaleIntensityRanged`` -1000..1000 HU to 0..1, clipped), pads to the 96^3 ROI, crops the
+foreground, then draws random 96^3 crops, for every item (plain ``Dataset``, its default) or from
+a RAM cache (``CacheDataset``). Decoded per item, NIfTI decoding (gzip) is the bottleneck; cached,
+RAM grows with the corpus (hundreds of GB for 5,050 CTs). Here the deterministic part runs once:
+:func:`preprocess_corpus` stores each result as a ``.npy`` (uint8 by default: 1/255 of the 2000 HU
+window is about 8 HU), and :class:`MemmapCropDataset` reads only the voxels of each crop through
+``np.load(mmap_mode="r")``, so RAM stays flat however large the corpus grows and crops per second
+are bound by the disk. Unlike the paper's code, the foreground box is not rounded up to a multiple
+of the ROI (``k_divisible``): that would only add background around the body.
+
+Layout of ``out_dir``::
+
+    index.json          settings, and per volume: file, source, section, shape
+    volumes/<name>.npy  channel-first (1, X, Y, Z), RAS, uint8 round(x * 255) or float16 x, x in 0..1
+
+Each ``.npy`` is written atomically, under a name made from its source path and the settings, so a
+killed run resumes where it stopped and a file on disk is always complete and of this index's settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .utils import atomic_write
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DTYPES",
+    "CorpusError",
+    "load_ssl_datalists",
+    "preprocess_corpus",
+    "MemmapCropDataset",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+#: version of the corpus layout (index keys, file naming); an index of another version is refused
+FORMAT_VERSION = 1
+
+#: stored dtype -> (numpy dtype, scale): stored value = x * scale (rounded for integers), x in 0..1
+DTYPES: dict[str, tuple[type, float]] = {"uint8": (np.uint8, 255.0), "float16": (np.float16, 1.0)}
+
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npy", ".npz")
+
+
+class CorpusError(ValueError):
+    """Some images could not be stored; the message lists each file and its problem."""
+
+
+# -- datalists ------------------------------------------------------------------------------------
+def _read_datalist(path: str | os.PathLike, dataset_dir: str | os.PathLike, section: str) -> list[str]:
+    """Full image paths of one section of one decathlon-style datalist (empty if the section is absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: datalist not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with a {section!r} list, got {type(data).__name__}")
+    items = data.get(section, [])
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: {section!r} must be a list, got {type(items).__name__}")
+    images = []
+    for i, item in enumerate(items):
+        rel = item.get("image") if isinstance(item, dict) else item
+        if not isinstance(rel, str) or not rel:
+            raise ValueError(f"{path}: {section}[{i}] must be an image path or a dict with an 'image', got {item!r}")
+        rel = os.path.expanduser(rel)
+        images.append(os.path.normpath(rel if os.path.isabs(rel) else os.path.join(dataset_dir, rel)))
+    return images
+
+
+def _as_list(datalists: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    if isinstance(datalists, (str, os.PathLike)):
+        return [datalists]
+    datalists = list(datalists)
+    if not datalists:
+        raise ValueError("no datalist given")
+    return datalists
+
+
+def load_ssl_datalists(
+    datalists: str | os.PathLike | Sequence[str | os.PathLike],
+    dataset_dir: str | os.PathLike,
+    section: str = "training",
+) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` from one section of one or more decathlon-style datalists, in order.
+
+    Pre-training uses images only: a ``"label"`` (and any other key) is dropped, and an entry may be
+    a plain path string. Relative paths are joined to ``dataset_dir``. A file without ``section``
+    contributes nothing; MONAI's ``load_decathlon_datalist`` would refuse it and wants one file.
+
+    Args:
+        datalists: path of a datalist JSON, or a list of them.
+        dataset_dir: folder that relative image paths start from.
+        section: the list to read from each file (``"training"``, ``"validation"``, ...).
+
+    Raises:
+        FileNotFoundError: a datalist does not exist.
+        ValueError: a datalist is not valid JSON, has a malformed entry, or no file has any image in ``section``.
+    """
+    datalists = _as_list(datalists)
+    images = [img for dl in datalists for img in _read_datalist(dl, dataset_dir, section)]
+    if not images:
+        raise ValueError(f"no image in section {section!r} of {', '.join(str(d) for d in datalists)}")
+    return [{"image": img} for img in images]
+
+
+# -- preprocessing --------------------------------------------------------------------------------
+def _settings(
+    pixdim: float | Sequence[float] | None,
+    intensity_range: Sequence[float],
+    roi_size: Sequence[int],
+    dtype: str,
+) -> dict[str, Any]:
+    """The checked, JSON-normal settings an index records."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if pixdim is not None:
+        pixdim = [float(pixdim)] * 3 if isinstance(pixdim, (int, float)) else [float(p) for p in pixdim]
+        if len(pixdim) != 3 or not all(math.isfinite(p) and p > 0 for p in pixdim):
+            raise ValueError(f"pixdim must be None or 3 positive spacings in mm, got {pixdim}")
+    rng = [float(v) for v in intensity_range]
+    if len(rng) != 2 or not all(math.isfinite(v) for v in rng) or rng[0] >= rng[1]:
+        raise ValueError(f"intensity_range must be (low, high) with low < high, got {list(intensity_range)}")
+    roi = [int(r) for r in roi_size]
+    if len(roi) != 3 or any(r < 1 for r in roi) or any(r != v for r, v in zip(roi, roi_size)):
+        raise ValueError(f"roi_size must be 3 positive integers, got {list(roi_size)}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "scale": DTYPES[dtype][1],
+        "intensity_range": rng,
+        "pixdim": pixdim,
+        "roi_size": roi,
+    }
+
+
+def _stored_name(source: str, settings: dict[str, Any]) -> str:
+    """File name for ``source``: its readable stem plus a hash of its full path and the settings.
+
+    The hash keeps same-named files of different folders apart and ties a file to its settings, so
+    a resumed run never takes a file made with other settings for its own.
+
+    >>> name = _stored_name("/data/imagesTr/case 01.nii.gz", {"dtype": "uint8"})
+    >>> name.startswith("case_01_") and name.endswith(".npy") and len(name) == len("case_01_") + 12 + 4
+    True
+    """
+    base = os.path.basename(os.path.normpath(source))
+    for suffix in _IMAGE_SUFFIXES:
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "volume"
+    key = json.dumps([os.path.abspath(source), settings], sort_keys=True)
+    return f"{base[:80]}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+
+
+def _chains(settings: dict[str, Any]) -> tuple[list, list]:
+    """MONAI transforms: load -> RAS -> [spacing] -> window to 0..1, and foreground crop -> pad to the ROI.
+
+    Plain lists applied in turn, not ``Compose``: ``Compose`` wraps every error in "applying transform
+    <...>", and the per-file report should say what is wrong with the file (truncated gzip, not found).
+    """
+    from monai.transforms import CropForeground, LoadImage, Orientation, ScaleIntensityRange, Spacing, SpatialPad
+    from monai.transforms.utils import is_positive
+
+    low, high = settings["intensity_range"]
+    # labels=None: axis labels from the MetaTensor's space (RAS as loaded), MONAI's upcoming default
+    load = [LoadImage(image_only=True, ensure_channel_first=True), Orientation(axcodes="RAS", labels=None)]
+    if settings["pixdim"] is not None:
+        load.append(Spacing(pixdim=settings["pixdim"], mode="bilinear"))
+    load.append(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    # foreground: above the window minimum (0 after scaling), as the paper's CropForegroundd(source_key="image")
+    crop = [CropForeground(select_fn=is_positive), SpatialPad(spatial_size=settings["roi_size"])]
+    return load, crop
+
+
+def _preprocess_one(source: str, chains: tuple[list, list], settings: dict[str, Any]) -> np.ndarray:
+    """The stored array of one image: ``(1, X, Y, Z)`` of the settings' dtype, each side >= the ROI.
+
+    Raises:
+        ValueError: not one channel, non-finite values, or no voxel above the window minimum.
+    """
+    load, crop = chains
+    img = source
+    for t in load:
+        img = t(img)
+    if img.ndim != 4 or img.shape[0] != 1:
+        raise ValueError(f"expected one 3D channel, got shape {tuple(img.shape)} (channel first)")
+    if not torch.isfinite(img).all():
+        raise ValueError("holds NaN or Inf values")
+    if not (img > 0).any():
+        low = settings["intensity_range"][0]
+        raise ValueError(f"no voxel above the window minimum ({low:g}): blank image, or not CT in HU?")
+    for t in crop:
+        img = t(img)
+    arr = np.asarray(img.array, dtype=np.float32)
+    np_dtype, scale = DTYPES[settings["dtype"]]
+    if np.issubdtype(np_dtype, np.integer):
+        arr = np.clip(np.rint(arr * scale), 0, scale)
+    return np.ascontiguousarray(arr.astype(np_dtype))
+
+
+def _npy_shape(path: Path, dtype: str) -> list[int] | None:
+    """Shape of a stored volume read from its header, or None when it is unreadable or of another dtype."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if arr.dtype != np.dtype(DTYPES[dtype][0]) or arr.ndim != 4:
+        return None
+    return [int(s) for s in arr.shape]
+
+
+def _read_index(index_file: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index_file}: unreadable corpus index ({e})") from e
+    if not isinstance(index, dict) or not isinstance(index.get("settings"), dict):
+        raise ValueError(f"{index_file}: not a corpus index (no 'settings'); made by custom.ssl_data?")
+    version = index["settings"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{index_file}: corpus format version {version}, this code reads {FORMAT_VERSION}")
+    return index
+
+
+def _write_index(index_file: Path, settings: dict, volumes: list[dict], datalists: list[str], complete: bool) -> None:
+    head = {"settings": settings, "complete": complete, "datalists": datalists}
+    text = json.dumps(head, indent=1)[:-2]  # one line per volume: readable, and small for thousands of them
+    text += ',\n "volumes": [' + ",".join(f"\n  {json.dumps(v)}" for v in volumes) + "\n ]\n}\n"
+    atomic_write(index_file, lambda f: f.write(text), mode="w")
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(e).split()) or "no message"
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def preprocess_corpus(
+    datalists: str | os.PathLike | Sequence[str | os.PathLike],
+    dataset_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    pixdim: float | Sequence[float] | None = None,
+    intensity_range: Sequence[float] = (-1000.0, 1000.0),
+    roi_size: Sequence[int] = (96, 96, 96),
+    dtype: str = "uint8",
+    sections: Sequence[str] = ("training", "validation"),
+    overwrite: bool = False,
+) -> Path:
+    """Store every image of ``datalists`` once, windowed, cropped and padded, for :class:`MemmapCropDataset`.
+
+    Per image, MONAI's ``LoadImage(ensure_channel_first=True)``, ``Orientation("RAS")``, optionally
+    ``Spacing(pixdim)``, ``ScaleIntensityRange(low, high, 0, 1, clip=True)``, ``CropForeground``
+    (voxels above ``low``) and ``SpatialPad(roi_size)``: the deterministic part of the paper's
+    pre-training transforms (its code keeps the native spacing: ``pixdim=None``). The result,
+    ``(1, X, Y, Z)`` with every side >= ``roi_size``, goes to ``out_dir/volumes/<name>.npy`` as
+    ``round(x * 255)`` (uint8) or ``x`` (float16).
+
+    Resumable: a re-run skips images already stored with the same settings, also after a killed run.
+    An image listed twice (in two sections or datalists) is stored once, under its first section.
+    Images that fail are collected; the index of the others is written before the error is raised.
+
+    Args:
+        datalists: decathlon-style datalist JSON(s); see :func:`load_ssl_datalists`.
+        dataset_dir: folder that relative image paths start from.
+        out_dir: corpus folder; receives ``index.json`` and ``volumes/``.
+        pixdim: target spacing in mm (3 values, or one for all axes); None keeps each image's own.
+        intensity_range: HU window (low, high) mapped to 0..1, clipped.
+        roi_size: the pre-training crop; every stored volume is padded to at least this.
+        dtype: ``"uint8"`` (1/255 of the window, a quarter of float32's disk) or ``"float16"``.
+        sections: datalist sections to store; each volume's section is recorded in the index.
+        overwrite: rebuild an ``out_dir`` made with other settings (its old volumes are deleted),
+            and recompute volumes already stored.
+
+    Returns:
+        path of ``out_dir/index.json``.
+
+    Raises:
+        FileNotFoundError: a datalist does not exist.
+        ValueError: bad settings or datalists, no image in any section, or ``out_dir`` holds a
+            corpus made with other settings and ``overwrite`` is False.
+        CorpusError: some images could not be read or stored; lists each file and its problem.
+    """
+    from tqdm import tqdm
+
+    settings = _settings(pixdim, intensity_range, roi_size, dtype)
+    datalists = [str(d) for d in _as_list(datalists)]
+    if isinstance(sections, str) or not sections:
+        raise ValueError(f"sections must be a non-empty list of section names, got {sections!r}")
+    items: dict[str, str] = {}  # abs source -> section, first occurrence wins
+    for section in sections:
+        for source in (img for dl in datalists for img in _read_datalist(dl, dataset_dir, section)):
+            key = os.path.abspath(source)
+            if key in items:
+                logger.warning(f"{source} is listed more than once; stored once, in section {items[key]!r}")
+                continue
+            items[key] = section
+    if not items:
+        raise ValueError(f"no image in sections {list(sections)} of {', '.join(datalists)}")
+
+    out = Path(out_dir)
+    index_file, vol_dir = out / "index.json", out / "volumes"
+    old_settings = None
+    if index_file.exists():
+        try:
+            old_settings = _read_index(index_file)["settings"]
+        except ValueError:
+            if not overwrite:
+                raise
+    if old_settings is not None and old_settings != settings and not overwrite:
+        changed = ", ".join(  # scale follows dtype: not listed on its own
+            f"{k}: {old_settings.get(k)!r} -> {v!r}"
+            for k, v in settings.items()
+            if old_settings.get(k) != v and k != "scale"
+        )
+        raise ValueError(
+            f"{index_file} was made with other settings ({changed}); pass overwrite=True (--overwrite) to rebuild "
+            "it, or choose another out_dir"
+        )
+    if old_settings != settings:
+        # record the settings before the first volume, so a killed run is checked against them on resume
+        _write_index(index_file, settings, [], datalists, complete=False)
+    vol_dir.mkdir(parents=True, exist_ok=True)
+
+    chains = _chains(settings)
+    volumes: list[dict[str, Any]] = []
+    failures: list[str] = []
+    skipped = 0
+    try:
+        bar = tqdm(items.items(), desc=f"preprocess -> {out}", unit="vol", dynamic_ncols=True)
+        for source, section in bar:
+            path = vol_dir / _stored_name(source, settings)
+            shape = None if overwrite else (_npy_shape(path, dtype) if path.exists() else None)
+            if shape is None:
+                try:
+                    arr = _preprocess_one(source, chains, settings)
+                    atomic_write(path, lambda f, a=arr: np.save(f, a))
+                except Exception as e:  # readers raise many types for missing, corrupt or truncated files
+                    failures.append(f"{source}: {_one_line(e)}")
+                    bar.set_postfix(failed=len(failures))
+                    continue
+                shape = [int(s) for s in arr.shape]
+            else:
+                skipped += 1
+            volumes.append(
+                {"file": f"{vol_dir.name}/{path.name}", "source": source, "section": section, "shape": shape}
+            )
+    finally:  # also on Ctrl-C: keep what is done
+        _write_index(index_file, settings, volumes, datalists, complete=not failures and len(volumes) == len(items))
+
+    listed = {Path(v["file"]).name for v in volumes}
+    stale = [p for p in vol_dir.glob("*.npy") if p.name not in listed]
+    if stale and overwrite:
+        for p in stale:
+            p.unlink()
+        logger.info(f"{out}: deleted {len(stale)} volume(s) of earlier runs that the new index does not list")
+    elif stale:
+        size = sum(p.stat().st_size for p in stale) / 2**30
+        logger.info(f"{vol_dir}: {len(stale)} file(s) ({size:.2f} GiB) are not in the index (earlier runs)")
+    logger.info(f"{index_file}: {len(volumes)} volume(s), {skipped} already stored, {len(failures)} failed")
+    if failures:
+        raise CorpusError(
+            f"{len(failures)} of {len(items)} image(s) could not be stored ({len(volumes)} stored and listed in "
+            f"{index_file}; a re-run retries only the failed ones):\n  " + "\n  ".join(failures)
+        )
+    return index_file
+
+
+# -- dataset --------------------------------------------------------------------------------------
+class MemmapCropDataset(torch.utils.data.Dataset):
+    """Random ROI crops read straight from a corpus of :func:`preprocess_corpus`, through memory maps.
+
+    Item ``i`` is a list of ``num_samples`` dicts ``{"image": float32 tensor (1, *roi_size) in 0..1}``
+    cropped from volume ``i`` of ``section``; MONAI's ``list_data_collate`` (the default of
+    ``monai.data.DataLoader``) flattens them, so a batch of B items holds ``B * num_samples`` crops,
+    as with ``RandSpatialCropSamplesd`` in the paper's pipeline. Only the crops' voxels are read.
+
+    Crop corners are uniform over all positions where the ROI fits. Random mode draws them from
+    torch's RNG, so ``monai.utils.set_determinism`` and the DataLoader's per-worker seeds make runs
+    reproducible; ``deterministic=True`` draws them from a generator seeded by ``(seed, i)``, so item
+    ``i`` is the same every time (validation: losses comparable across epochs).
+
+    Memory maps are opened on first use in each process (never in ``__init__``: the dataset pickles
+    into DataLoader workers as a few lists) and kept open, at most ``max_open_files`` per process
+    (least recently used closed first: every map holds a file descriptor).
+
+    Args:
+        index_file: ``index.json`` written by :func:`preprocess_corpus`.
+        section: which volumes to use (``"training"``, ``"validation"``, ...).
+        roi_size: crop size; every volume of the section must be at least this large.
+        num_samples: crops per volume and item.
+        deterministic: fixed crops per item (see above).
+        seed: seed of the deterministic crops.
+        max_open_files: memory maps kept open per process.
+
+    Attributes:
+        settings: the index's preprocessing settings (dtype, scale, intensity_range, pixdim,
+            roi_size, format_version), e.g. to check that the bundle's ROI and window match.
+        volumes: the index entries of the section (file, source, section, shape).
+
+    Raises:
+        ValueError: unreadable index, no volume in ``section``, bad arguments, or a volume smaller
+            than ``roi_size``.
+    """
+
+    def __init__(
+        self,
+        index_file: str | os.PathLike,
+        section: str = "training",
+        roi_size: Sequence[int] = (96, 96, 96),
+        num_samples: int = 2,
+        deterministic: bool = False,
+        seed: int = 0,
+        max_open_files: int = 128,
+    ) -> None:
+        self.index_file = Path(index_file)
+        index = _read_index(self.index_file)
+        self.settings: dict[str, Any] = dict(index["settings"])
+        if self.settings.get("dtype") not in DTYPES:
+            raise ValueError(f"{self.index_file}: unknown stored dtype {self.settings.get('dtype')!r}")
+        self.roi_size = tuple(int(r) for r in roi_size)
+        if len(self.roi_size) != 3 or any(r < 1 for r in self.roi_size):
+            raise ValueError(f"roi_size must be 3 positive integers, got {list(roi_size)}")
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if int(max_open_files) < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        self.section, self.num_samples, self.deterministic = section, int(num_samples), bool(deterministic)
+        self.seed, self.max_open_files = int(seed), int(max_open_files)
+        self.volumes: list[dict[str, Any]] = [v for v in index.get("volumes", []) if v.get("section") == section]
+        if not self.volumes:
+            counts: dict[str, int] = {}
+            for v in index.get("volumes", []):
+                counts[v.get("section")] = counts.get(v.get("section"), 0) + 1
+            held = counts or "none"
+            raise ValueError(f"{self.index_file}: no volume in section {section!r} (the index holds {held})")
+        small = [v for v in self.volumes if any(s < r for s, r in zip(v["shape"][1:], self.roi_size))]
+        if small:
+            listed = ", ".join(f"{v['file']} {v['shape'][1:]}" for v in small[:5])
+            raise ValueError(
+                f"{self.index_file}: {len(small)} volume(s) smaller than roi_size {list(self.roi_size)} (e.g. "
+                f"{listed}); the corpus was padded to {self.settings.get('roi_size')}: re-run preprocess_corpus with "
+                "this roi_size"
+            )
+        root = self.index_file.parent
+        self._files = [str(root / v["file"]) for v in self.volumes]
+        self._shapes = [tuple(int(s) for s in v["shape"]) for v in self.volumes]
+        self._scale = float(self.settings["scale"])
+        self._dtype = np.dtype(DTYPES[self.settings["dtype"]][0])
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"], state["_pid"] = OrderedDict(), -1  # maps are per process; reopened on first use
+        return state
+
+    def _volume(self, i: int) -> np.ndarray:
+        """The memory map of volume ``i``, opened once per process."""
+        if self._pid != os.getpid():  # a forked worker: the parent's maps are not ours to reuse
+            self._maps, self._pid = OrderedDict(), os.getpid()
+        vol = self._maps.get(i)
+        if vol is None:
+            try:
+                vol = np.load(self._files[i], mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self._files[i]}: cannot open stored volume ({_one_line(e)})") from e
+            if tuple(vol.shape) != self._shapes[i] or vol.dtype != self._dtype:
+                raise ValueError(
+                    f"{self._files[i]}: {vol.dtype} {tuple(vol.shape)} on disk, {self._dtype} {self._shapes[i]} in "
+                    f"{self.index_file}: the corpus changed after indexing; re-run preprocess_corpus"
+                )
+            self._maps[i] = vol
+            while len(self._maps) > self.max_open_files:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(i)
+        return vol
+
+    def corners(self, i: int) -> torch.Tensor:
+        """``(num_samples, 3)`` crop corners (voxel indices) for item ``i``, drawn as ``__getitem__`` draws them."""
+        i = self._check_index(i)
+        generator = None
+        if self.deterministic:
+            seed = int(np.random.SeedSequence([self.seed, i]).generate_state(1)[0])
+            generator = torch.Generator().manual_seed(seed)
+        spans = [s - r + 1 for s, r in zip(self._shapes[i][1:], self.roi_size)]
+        u = torch.rand((self.num_samples, 3), generator=generator, dtype=torch.float64)
+        return (u * torch.tensor(spans, dtype=torch.float64)).floor().long()
+
+    def _check_index(self, i: int) -> int:
+        n = len(self.volumes)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} volumes in section {self.section!r}")
+        return i % n
+
+    def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
+        i = self._check_index(int(i))
+        corners = self.corners(i).tolist()
+        vol = self._volume(i)
+        rx, ry, rz = self.roi_size
+        out = []
+        for x, y, z in corners:
+            crop = np.array(vol[:, x : x + rx, y : y + ry, z : z + rz], dtype=np.float32)  # reads only the crop
+            if self._scale != 1.0:
+                crop /= self._scale
+            out.append({"image": torch.from_numpy(crop)})
+        return out
+
+
+# -- command line ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m custom.ssl_data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datalist", nargs="+", required=True, help="decathlon-style datalist JSON file(s)")
+    parser.add_argument("--dataset_dir", required=True, help="folder that the datalists' relative paths start from")
+    parser.add_argument("--out_dir", required=True, help="corpus folder (index.json, volumes/)")
+    parser.add_argument("--pixdim", nargs=3, type=float, default=None, help="resample to this spacing (mm)")
+    parser.add_argument("--intensity_range", nargs=2, type=float, default=[-1000.0, 1000.0], help="HU window")
+    parser.add_argument("--roi_size", nargs=3, type=int, default=[96, 96, 96], help="pad every volume to this")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="uint8", help="stored dtype")
+    parser.add_argument("--sections", nargs="+", default=["training", "validation"], help="datalist sections")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild a corpus made with other settings")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        index_file = preprocess_corpus(
+            args.datalist,
+            args.dataset_dir,
+            args.out_dir,
+            pixdim=args.pixdim,
+            intensity_range=args.intensity_range,
+            roi_size=args.roi_size,
+            dtype=args.dtype,
+            sections=args.sections,
+            overwrite=args.overwrite,
+        )
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    volumes = json.loads(index_file.read_text())["volumes"]
+    counts = {s: sum(v["section"] == s for v in volumes) for s in args.sections}
+    print(f"wrote {index_file}: {len(volumes)} volume(s) {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The SSL bundle through `python -m monai.bundle run ...` on the real CT sample, and its hand-over to BTCV."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from conftest import BTCV, REPO, run_bundle
+from custom.ssl import SSLHead, released_to_ssl_state
+
+SSL = REPO / "swin_unetr_ssl"
+SMALL_SSL = {
+    "feature_size": 12,
+    "roi_size": [64, 64, 64],
+    "amp": False,
+    "num_workers": 0,
+    "use_checkpoint": False,
+    "batch_size": 1,
+    "num_samples": 2,
+    "warmup_steps": 1,
+    "val_interval": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, sample_dataset) -> dict:
+    work = tmp_path_factory.mktemp("ssl_run")
+    overrides = {
+        **SMALL_SSL,
+        "dataset_dir": str(sample_dataset),
+        "datalist": [str(sample_dataset / "ssl_dataset.json")],
+        "cache_dir": str(work / "cache"),
+        "ckpt_dir": str(work / "models"),
+        "output_dir": str(work / "outputs"),
+        "max_epochs": 2,
+        "epoch_length": 1,
+    }
+    proc = run_bundle("training", ["configs/train.json"], overrides, cwd=SSL)
+    return {"work": work, "overrides": overrides, "proc": proc}
+
+
+def test_pretraining_logs_each_loss_and_writes_checkpoint_and_encoder(pretrained):
+    out = pretrained["proc"].stdout
+    for term in ("loss_rotation", "loss_contrastive", "loss_reconstruction", "val_reconstruction_l1"):
+        assert term in out
+    models = pretrained["work"] / "models"
+    state = torch.load(models / "checkpoint.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 and {"model", "optimizer", "lr_scheduler", "validator"} <= set(state)
+    released = torch.load(models / "model_swinvit.pt", weights_only=True)
+    assert "module.layers1.0.blocks.0.mlp.fc1.weight" in released["state_dict"]
+    model = SSLHead(feature_size=12)
+    model.load_state_dict(released_to_ssl_state(released))  # our own export loads back, strictly
+    index = json.loads((pretrained["work"] / "cache" / "index.json").read_text())
+    assert index  # the corpus was preprocessed once into the cache
+
+
+def test_resume_continues_pretraining(pretrained, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(pretrained["work"] / "models", models)
+    proc = run_bundle("training", ["configs/train.json"], {**pretrained["overrides"], "ckpt_dir": str(models),
+                      "output_dir": str(tmp_path / "out"), "max_epochs": 3}, cwd=SSL)
+    assert "resumed from" in proc.stdout and "epoch 2, iteration 2" in proc.stdout
+    state = torch.load(models / "checkpoint.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
+
+
+def test_encoder_hands_over_to_btcv_with_every_tensor_matched(pretrained, caplog):
+    encoder = pretrained["work"] / "models" / "model_swinvit.pt"
+    parser = ConfigParser()
+    parser.read_config(str(BTCV / "configs" / "train.json"))
+    parser.update({"feature_size": 12, "use_checkpoint": False, "pretrained_path": str(encoder),
+                   "device": "$torch.device('cpu')"})
+    with caplog.at_level("INFO", logger="custom.weights"):
+        net = parser.get_parsed_content("network")
+    assert "matched 126 of 126 encoder tensors" in caplog.text
+    ssl = released_to_ssl_state(torch.load(encoder, weights_only=True))
+    assert torch.equal(net.swinViT.layers2[0].blocks[0].attn.qkv.weight, ssl["swinViT.layers2.0.blocks.0.attn.qkv.weight"])
+
+
+def test_check_data_names_a_missing_volume(tmp_path, sample_dataset):
+    datalist = tmp_path / "ssl.json"
+    datalist.write_text(json.dumps({"training": [{"image": "imagesTs/ct_full.nii.gz"}, {"image": "imagesTs/gone.nii.gz"}]}))
+    proc = run_bundle("check_data", ["configs/train.json"], {"dataset_dir": str(sample_dataset),
+                      "datalist": [str(datalist)]}, cwd=SSL, check=False)
+    assert proc.returncode != 0 and "gone.nii.gz: image file not found" in proc.stdout + proc.stderr
+
+
+def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
+    """torchrun, 2 ranks on gloo: rank 0 preprocesses, negatives are gathered, only rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import cli
+
+    overrides = {**SMALL_SSL, "dataset_dir": str(sample_dataset), "datalist": [str(sample_dataset / "ssl_dataset.json")],
+                 "cache_dir": str(tmp_path / "cache"), "ckpt_dir": str(tmp_path / "models"),
+                 "output_dir": str(tmp_path / "outputs"), "max_epochs": 1, "epoch_length": 1}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", "training", "--config_file", repr(["configs/train.json", "configs/multi_gpu_train.json"]), *cli(overrides)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.run(cmd, cwd=SSL, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 1
+    assert not any(k.startswith("module.") for k in state["model"])
+    assert (tmp_path / "models" / "model_swinvit.pt").is_file()
