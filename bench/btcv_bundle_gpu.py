@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,54 +33,65 @@ BUNDLE = REPO / "swin_unetr_btcv"
 sys.path.insert(0, str(REPO))
 
 
-def _workflow(configs: list[str], **overrides):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=[str(BUNDLE / "configs" / c) for c in configs], workflow_type="train", **overrides)
-    wf.initialize()
-    return wf
-
-
-def train(dataset: Path, work: Path, use_checkpoint: bool, steps: int) -> dict:
-    from ignite.engine import Events
-
-    wf = _workflow(
-        ["train.json"],
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(dataset),
-        ckpt_dir=str(work / "models"),
-        output_dir=str(work / "outputs"),
-        max_epochs=1,
-        epoch_length=steps,
-        val_interval=1000,
-        use_checkpoint=use_checkpoint,
-        num_workers=4,
-        resume=False,
-    )
-    trainer = wf.parser.get_parsed_content("train#trainer")
+def _stamper() -> tuple[list[float], Callable]:
+    """A list and an engine handler that appends the (GPU-synchronised) time to it."""
     stamps: list[float] = []
 
-    def stamp(_):
+    def stamp(_: object) -> None:
         torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
+    return stamps, stamp
+
+
+def gpu_header(recipe: str) -> dict | None:
+    """Device and versions for a result file; None (and a message) without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return None
+    import monai
+
+    return {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "monai": monai.__version__, "recipe": recipe}
+
+
+def time_training(bundle: Path, overrides: dict, steps: int, state_file: Path | None = None) -> dict:
+    """Run ``bundle``'s train.json in-process for ``steps`` steps: median s/step after 2 warm-up steps, peak memory."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train",
+                        bundle_root=str(bundle), max_epochs=1, epoch_length=steps, val_interval=1000, num_workers=4,
+                        resume=False, **overrides)
+    wf.initialize()
+    if "prepare_corpus" in wf.parser:  # the SSL bundle's dataset reads the preprocessed corpus
+        wf.parser.get_parsed_content("prepare_corpus")()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    stamps, stamp = _stamper()
     trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
     torch.cuda.reset_peak_memory_stats()
     wf.run()
-    steps_s = [b - a for a, b in zip(stamps[2:], stamps[3:])]  # skip two warm-up steps
-    per_step = statistics.median(steps_s)
+    per_step = statistics.median([b - a for a, b in zip(stamps[2:], stamps[3:])])  # skip two warm-up steps
     crops = wf.parser.get_parsed_content("num_samples") * wf.parser.get_parsed_content("batch_size")
     result = {
-        "use_checkpoint": use_checkpoint,
-        "steps_timed": len(steps_s),
+        "steps_timed": len(stamps) - 3,
+        "crops_per_step": crops,
         "seconds_per_step_median": round(per_step, 4),
         "crops_per_second": round(crops / per_step, 2),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
-    torch.save(wf.parser.get_parsed_content("network").state_dict(), work / "models" / "model.pt")
+    if state_file is not None:
+        torch.save(wf.parser.get_parsed_content("network").state_dict(), state_file)
     del wf, trainer
     torch.cuda.empty_cache()
     return result
+
+
+def train(dataset: Path, work: Path, use_checkpoint: bool, steps: int) -> dict:
+    overrides = {"dataset_dir": str(dataset), "ckpt_dir": str(work / "models"), "output_dir": str(work / "outputs"),
+                 "use_checkpoint": use_checkpoint}
+    (work / "models").mkdir(parents=True, exist_ok=True)
+    return {"use_checkpoint": use_checkpoint, **time_training(BUNDLE, overrides, steps, work / "models" / "model.pt")}
 
 
 def infer(ct_full: Path, work: Path, copies: int = 3) -> dict:
@@ -101,12 +113,7 @@ def infer(ct_full: Path, work: Path, copies: int = 3) -> dict:
     )
     wf.initialize()
     evaluator = wf.parser.get_parsed_content("evaluator")
-    stamps: list[float] = []
-
-    def stamp(_):
-        torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-
+    stamps, stamp = _stamper()
     evaluator.add_event_handler(Events.ITERATION_STARTED, stamp)
     evaluator.add_event_handler(Events.COMPLETED, stamp)
     torch.cuda.reset_peak_memory_stats()
@@ -131,20 +138,11 @@ def main() -> int:
     parser.add_argument("--out", default="btcv_bundle_gpu.json")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    results = gpu_header("feature_size 48, roi 96^3, batch 1 x 4 crops, AMP fp16, AdamW, pixdim 1.5x1.5x2.0")
+    if results is None:
         return 2
     from bundles.sample_data import prepare_sample_dataset
 
-    results = {
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "recipe": "feature_size 48, roi 96^3, batch 1 x 4 crops, AMP fp16, AdamW, pixdim 1.5x1.5x2.0",
-    }
-    import monai
-
-    results["monai"] = monai.__version__
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = tmp / "data"
