@@ -42,6 +42,8 @@ class DataCheck:
         sections: datalist lists to check (``training`` must be present and non-empty).
         affine_tolerance: largest allowed difference (mm) between image and label affines.
         require_labels: training and validation entries need a ``label`` (not for self-supervision).
+        in_channels: the image channels the bundle expects (the 4th dimension of a 4-D NIfTI, 1 for 3-D);
+            None skips the check.
     """
 
     datalist: str | Sequence[str]
@@ -52,6 +54,7 @@ class DataCheck:
     sections: Sequence[str] = ("training", "validation")
     affine_tolerance: float = 1e-3
     require_labels: bool = True
+    in_channels: int | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -144,6 +147,12 @@ class DataCheck:
         img, data = self._load(image_path, "image")
         if img is None:
             return
+        channels = data.shape[3] if data.ndim == 4 else 1
+        if self.in_channels is not None and (data.ndim > 4 or channels != self.in_channels):
+            self.problems.append(
+                f"{image_path}: image has {channels} channel(s) (shape {data.shape}) but the task declares "
+                f"{self.in_channels} (dataset.json 'modality')"
+            )
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             self.problems.append(f"{image_path}: image holds NaN or Inf values")
         self._check_size(image_path, img)

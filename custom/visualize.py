@@ -24,23 +24,32 @@ def label_palette(num_classes: int = 256) -> np.ndarray:
     return table
 
 
-def _to_label_map(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``(C, X, Y, Z)`` one-hot/probabilities -> argmax; ``(1, X, Y, Z)`` or ``(X, Y, Z)`` -> as is."""
+def _to_label_map(x: torch.Tensor | np.ndarray, background_channel: bool = True) -> np.ndarray:
+    """``(C, X, Y, Z)`` -> label map: argmax of one-hot classes (channel 0 the background), or, for
+    overlapping regions without a background channel, the highest region that is on (1..C).
+    ``(1, X, Y, Z)`` or ``(X, Y, Z)`` -> as is."""
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if a.ndim == 4:
-        a = a.argmax(0) if a.shape[0] > 1 else a[0]
+    if a.ndim == 4 and a.shape[0] > 1:
+        if background_channel:
+            a = a.argmax(0)
+        else:
+            a = ((a > 0.5) * np.arange(1, a.shape[0] + 1)[:, None, None, None]).max(0)
+    elif a.ndim == 4:
+        a = a[0]
     return a.astype(np.int64)
 
 
-def overlay_panels(image: torch.Tensor | np.ndarray, label, pred, alpha: float = 0.45) -> np.ndarray:
+def overlay_panels(
+    image: torch.Tensor | np.ndarray, label, pred, alpha: float = 0.45, background_channel: bool = True
+) -> np.ndarray:
     """Three RGB panels side by side, ``(Y, 3X, 3)`` uint8, on the axial slice with most label voxels.
 
     ``image`` is ``(1, X, Y, Z)`` (RAS, intensities scaled to about 0..1); ``label``/``pred`` are label
     maps or one-hot. With no labelled voxel the prediction picks the slice; with neither, the middle.
     """
     img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    img = img[0] if img.ndim == 4 else img
-    lab, prd = _to_label_map(label), _to_label_map(pred)
+    img = img[0] if img.ndim == 4 else img  # first channel of a multi-channel image
+    lab, prd = _to_label_map(label, background_channel), _to_label_map(pred, background_channel)
     counts = (lab > 0).sum((0, 1))
     if counts.max() == 0:
         counts = (prd > 0).sum((0, 1))
@@ -63,9 +72,11 @@ def overlay_panels(image: torch.Tensor | np.ndarray, label, pred, alpha: float =
     return np.concatenate(panels, axis=1).astype(np.uint8)
 
 
-def save_overlay_png(path: str | os.PathLike, image, label, pred, title: str = "") -> None:
+def save_overlay_png(
+    path: str | os.PathLike, image, label, pred, title: str = "", background_channel: bool = True
+) -> None:
     """Write :func:`overlay_panels` to ``path`` with column titles ``image | label | prediction``."""
-    rgb = overlay_panels(image, label, pred)
+    rgb = overlay_panels(image, label, pred, background_channel=background_channel)
     header = 16
     canvas = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + header))
     canvas.paste(Image.fromarray(rgb), (0, header))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from conftest import BTCV
+from conftest import BTCV, REPO
 
-CONFIGS = sorted((BTCV / "configs").glob("*.json"))
+CONFIGS = sorted(REPO.glob("swin_unetr_*/configs/*.json"))
 #: values inference.json must repeat from train.json (MONAI Label and users run inference.json alone)
 SHARED_WITH_INFERENCE = ["num_classes", "pixdim", "intensity_range", "roi_size", "feature_size", "legacy_merging",
                          "sw_batch_size", "overlap", "amp", "bundle_root", "ckpt_dir", "dataset_dir", "device"]
@@ -18,11 +18,30 @@ CONTRACT_TRAIN_IDS = ["bundle_root", "device", "dataset_dir", "datalist", "outpu
 CONTRACT_INFER_IDS = ["input_dir", "output_dir", "ckpt_dir", "roi_size", "feature_size", "sw_batch_size", "overlap", "amp"]
 
 
-def load(name: str) -> dict:
-    return json.loads((BTCV / "configs" / name).read_text())
+def load(name: str, bundle=BTCV) -> dict:
+    return json.loads((bundle / "configs" / name).read_text())
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_ssl", "swin_unetr_msd"])
+def test_every_bundle_has_the_files_the_contract_names(bundle):
+    root = REPO / bundle
+    for f in ("configs/train.json", "configs/multi_gpu_train.json", "configs/metadata.json", "configs/logging.conf",
+              "docs/README.md", "LICENSE"):
+        assert (root / f).is_file(), f"{bundle}/{f} missing"
+    assert (root / "custom").resolve() == (REPO / "custom").resolve()
+    meta = load("metadata.json", root)
+    assert meta["version"] in meta["changelog"]
+
+
+def test_msd_inference_repeats_its_training_recipe():
+    msd = REPO / "swin_unetr_msd"
+    train, infer = load("train.json", msd), load("inference.json", msd)
+    shared = [k for k in SHARED_WITH_INFERENCE if k != "intensity_range"] + ["task", "in_channels", "region_based"]
+    drift = {k: (train[k], infer[k]) for k in shared if train[k] != infer[k]}
+    assert not drift, f"MSD train.json and inference.json disagree: {drift}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parents[1].name}/{p.name}" for p in CONFIGS])
 def test_json_is_formatted_the_model_zoo_way(path):
     text = path.read_text()
     assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name}: 4-space indent, key order kept"

@@ -1,0 +1,276 @@
+"""Medical Segmentation Decathlon: one table of task recipes, read together with each task's dataset.json.
+
+MONAI reads the decathlon datalist (``load_decathlon_datalist``) and its properties
+(``load_decathlon_properties``) but has no notion of a task's recipe, nor of the MSD BrainTumour
+label numbering: MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd`` assumes the BraTS challenge
+labels (1 necrosis, 2 edema, 4 enhancing), while MSD Task01 numbers them 1 edema, 2 non-enhancing
+tumour, 3 enhancing tumour. :class:`MSDBrainTumourRegionsd` converts the MSD numbering into the three
+BraTS evaluation regions and :class:`RegionsToLabelsd` converts predicted regions back.
+
+What comes from ``dataset.json``: the task name, input channels (``modality``), class names
+(``labels``), the training list. What comes from :data:`TASK_RECIPES`: target spacing, ROI, intensity
+normalisation (CT window or per-channel z-score over non-zero voxels), crops per volume, whether the
+outputs are overlapping regions (sigmoid) or exclusive classes (softmax), and whether SSL encoder
+weights (pre-trained on CT, one input channel) suit the task. The spacings, windows and ROIs are this
+collection's choices, close to each task's typical voxel size; every one can be overridden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = [
+    "TaskRecipe",
+    "TASK_RECIPES",
+    "BRATS_REGIONS",
+    "TaskError",
+    "load_task",
+    "msd_datalist",
+    "MSDBrainTumourRegionsd",
+    "RegionsToLabelsd",
+    "intensity_transform",
+    "metadata_for_task",
+]
+
+#: BraTS evaluation regions from MSD Task01 labels (1 edema, 2 non-enhancing tumour, 3 enhancing tumour)
+BRATS_REGIONS: dict[str, tuple[int, ...]] = {
+    "tumour core": (2, 3),
+    "whole tumour": (1, 2, 3),
+    "enhancing tumour": (3,),
+}
+
+
+class TaskError(ValueError):
+    """The task folder or its dataset.json cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    """How one MSD task is trained. ``window`` is set for CT (HU range to 0..1), None for z-score (MRI).
+
+    ``roi_size`` entries are multiples of 32 (Swin UNETR needs it); volumes smaller than the ROI are
+    zero-padded before cropping.
+    """
+
+    name: str
+    modality: str  # "CT" or "MRI"
+    pixdim: tuple[float, float, float]
+    roi_size: tuple[int, int, int]
+    window: tuple[float, float] | None = None
+    num_samples: int = 2
+    region_based: bool = False
+    ssl_weights_suit: bool = False
+    in_channels: int = 1
+    class_names: tuple[str, ...] = field(default=())
+    num_labels: int = 0  # label values in the files (dataset.json "labels"), background included
+
+    @property
+    def out_channels(self) -> int:
+        """Network outputs: one per region (sigmoid), or one per class, background first (softmax)."""
+        return len(self.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return self.out_channels
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "out_channels": self.out_channels}
+
+
+#: the ten official tasks; class names and channels are filled in from dataset.json by :func:`load_task`
+TASK_RECIPES: dict[str, TaskRecipe] = {
+    "BrainTumour": TaskRecipe("BrainTumour", "MRI", (1.0, 1.0, 1.0), (128, 128, 128), None, 1, region_based=True),
+    "Heart": TaskRecipe("Heart", "MRI", (1.25, 1.25, 1.37), (128, 128, 96)),
+    "Liver": TaskRecipe("Liver", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
+    "Hippocampus": TaskRecipe("Hippocampus", "MRI", (1.0, 1.0, 1.0), (64, 64, 64)),
+    "Prostate": TaskRecipe("Prostate", "MRI", (0.6, 0.6, 3.6), (160, 160, 32)),
+    "Lung": TaskRecipe("Lung", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-1000.0, 500.0), ssl_weights_suit=True),
+    "Pancreas": TaskRecipe("Pancreas", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
+    "HepaticVessel": TaskRecipe("HepaticVessel", "CT", (0.8, 0.8, 1.5), (96, 96, 96), (-100.0, 300.0), ssl_weights_suit=True),
+    "Spleen": TaskRecipe("Spleen", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-57.0, 164.0), ssl_weights_suit=True),
+    "Colon": TaskRecipe("Colon", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
+}
+
+
+def _task_name(meta: Mapping, folder: Path) -> str:
+    """``dataset.json`` "name" (``BRATS``, ``Spleen``, ...) or the folder's ``TaskNN_Name``."""
+    m = re.match(r"Task\d+_(\w+)$", folder.name)
+    if m and m.group(1) in TASK_RECIPES:
+        return m.group(1)
+    name = str(meta.get("name", ""))
+    aliases = {"BRATS": "BrainTumour", "LeftAtrium": "Heart", "HepaticVessels": "HepaticVessel"}
+    name = aliases.get(name, name)
+    return name if name in TASK_RECIPES else (m.group(1) if m else name)
+
+
+def _read_dataset_json(dataset_dir: Path) -> dict:
+    path = dataset_dir / "dataset.json"
+    if not path.is_file():
+        raise TaskError(f"{path}: not found (point --dataset_dir at an unpacked MSD task folder, e.g. Task09_Spleen)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{path}: not valid JSON ({e})") from e
+    missing = [k for k in ("modality", "labels", "training") if k not in meta]
+    if missing:
+        raise TaskError(f"{path}: missing {missing}: every MSD dataset.json declares modality, labels and training")
+    return meta
+
+
+def _derived_recipe(name: str, meta: dict, dataset_dir: Path) -> TaskRecipe:
+    """Defaults for a task not in the table: CT window or z-score by modality, median spacing, ROI 96^3."""
+    import nibabel as nib
+
+    ct = any("CT" in str(v).upper() for v in meta["modality"].values())
+    spacings = []
+    for item in meta["training"][:20]:
+        try:
+            spacings.append(nib.load(str(dataset_dir / str(item["image"]).lstrip("./"))).header.get_zooms()[:3])
+        except Exception:  # unreadable files are reported by check_data, not here
+            continue
+    pixdim = tuple(float(v) for v in np.median(spacings, axis=0)) if spacings else (1.0, 1.0, 1.0)
+    return TaskRecipe(name or dataset_dir.name, "CT" if ct else "MRI", pixdim, (96, 96, 96),
+                      (-175.0, 250.0) if ct else None, ssl_weights_suit=ct)
+
+
+def load_task(dataset_dir: str | os.PathLike) -> TaskRecipe:
+    """The recipe for the MSD task folder ``dataset_dir``, with channels and class names from its dataset.json.
+
+    Raises:
+        TaskError: dataset.json missing, not JSON, or lacking modality/labels/training; labels not 0..N.
+    """
+    folder = Path(dataset_dir)
+    meta = _read_dataset_json(folder)
+    name = _task_name(meta, folder)
+    recipe = TASK_RECIPES.get(name) or _derived_recipe(name, meta, folder)
+    labels = {int(k): str(v) for k, v in meta["labels"].items()}
+    if sorted(labels) != list(range(len(labels))):
+        raise TaskError(f"{folder / 'dataset.json'}: labels must be numbered 0..N, got {sorted(labels)}")
+    if recipe.region_based:
+        class_names = tuple(BRATS_REGIONS)
+    else:
+        class_names = tuple(labels[i] for i in range(len(labels)))
+    return replace(recipe, in_channels=len(meta["modality"]), class_names=class_names, num_labels=len(labels))
+
+
+def msd_datalist(dataset_dir: str | os.PathLike, section: str = "training", num_folds: int = 5, fold: int = 0) -> list[dict]:
+    """Training or validation cases of an MSD task: dataset.json's ``training`` list split by folds.
+
+    MSD ships no validation list; case i (sorted by image name) is validation when ``i % num_folds ==
+    fold``. ``section="test"`` gives the unlabelled ``test`` images. Paths become absolute.
+    """
+    folder = Path(dataset_dir)
+    meta = _read_dataset_json(folder)
+    if section == "test":
+        return [{"image": str(folder / str(p).lstrip("./"))} for p in meta.get("test", [])]
+    items = sorted(meta["training"], key=lambda d: str(d["image"]))
+    picked = [d for i, d in enumerate(items) if (i % num_folds == fold) == (section == "validation")]
+    if section not in ("training", "validation"):
+        raise ValueError(f"section must be training, validation or test, got {section!r}")
+    return [{k: str(folder / str(v).lstrip("./")) for k, v in d.items()} for d in picked]
+
+
+def intensity_transform(recipe: TaskRecipe, keys: KeysCollection = "image") -> MapTransform:
+    """CT: window ``recipe.window`` HU to 0..1, clipped. MRI: z-score over non-zero voxels, per channel."""
+    from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
+
+    if recipe.window is not None:
+        return ScaleIntensityRanged(keys, a_min=recipe.window[0], a_max=recipe.window[1], b_min=0.0, b_max=1.0, clip=True)
+    return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)
+
+
+class MSDBrainTumourRegionsd(MapTransform):
+    """MSD Task01 label map ``(1, X, Y, Z)`` -> three region channels: tumour core, whole tumour, enhancing.
+
+    >>> import torch
+    >>> out = MSDBrainTumourRegionsd("label")({"label": torch.tensor([0, 1, 2, 3]).view(1, 4, 1, 1)})["label"]
+    >>> out[:, :, 0, 0].int().tolist()
+    [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            regions = [sum((label == v) for v in values) > 0 for values in BRATS_REGIONS.values()]
+            d[key] = torch.cat([torch.as_tensor(r) for r in regions]).float() if isinstance(label, torch.Tensor) else np.concatenate(regions).astype(np.float32)
+            if hasattr(label, "meta") and hasattr(d[key], "meta"):
+                d[key].meta = label.meta
+        return d
+
+
+class RegionsToLabelsd(MapTransform):
+    """Three binary region channels (TC, WT, ET) -> one MSD Task01 label map: 3 where ET, 2 where TC but
+    not ET, 1 where WT but not TC, 0 elsewhere (the inverse of :class:`MSDBrainTumourRegionsd`).
+
+    >>> import torch
+    >>> regions = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]).view(3, 4, 1, 1)
+    >>> RegionsToLabelsd("pred")({"pred": regions})["pred"].flatten().tolist()
+    [0, 1, 2, 3]
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            tc, wt, et = (d[key][i : i + 1] > 0.5 for i in range(3))
+            label = torch.zeros_like(d[key][:1])
+            label[wt] = 1
+            label[tc] = 2
+            label[et] = 3
+            d[key] = label
+        return d
+
+
+def metadata_for_task(meta: dict, recipe: TaskRecipe) -> dict:
+    """``meta`` (a bundle metadata.json) with ``network_data_format`` set to ``recipe``'s channels and names."""
+    meta = json.loads(json.dumps(meta))
+    inputs = meta["network_data_format"]["inputs"]["image"]
+    outputs = meta["network_data_format"]["outputs"]["pred"]
+    inputs.update(num_channels=recipe.in_channels, spatial_shape=list(recipe.roi_size), modality=recipe.modality,
+                  format="hounsfield" if recipe.modality == "CT" else "magnitude",
+                  value_range=[0, 1] if recipe.window else [-5, 5],
+                  channel_def={str(i): f"channel {i}" for i in range(recipe.in_channels)})
+    outputs.update(num_channels=recipe.out_channels, spatial_shape=list(recipe.roi_size),
+                   channel_def={str(i): n for i, n in enumerate(recipe.class_names)})
+    meta["task"] = f"MSD {recipe.name} segmentation"
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m custom.msd --dataset_dir /data/Task01_BrainTumour [--write_metadata configs/metadata.json]``.
+
+    Prints the task's recipe as JSON; with ``--write_metadata`` also sets that metadata.json's network
+    input/output channels and class names to the task's (so MONAI Label and the model zoo checks see them).
+    """
+    parser = argparse.ArgumentParser(prog="python -m custom.msd", description="show the recipe chosen for an MSD task folder")
+    parser.add_argument("--dataset_dir", required=True)
+    parser.add_argument("--write_metadata", default=None, help="a bundle metadata.json to update for this task")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_task(args.dataset_dir)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(recipe.as_dict(), indent=4))
+    if args.write_metadata:
+        path = Path(args.write_metadata)
+        path.write_text(json.dumps(metadata_for_task(json.loads(path.read_text()), recipe), indent=4) + "\n")
+        print(f"updated {path} for {recipe.name}: {recipe.in_channels} input, {recipe.out_channels} output channels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
