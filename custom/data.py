@@ -50,9 +50,9 @@ def list_images(input_dir: str | os.PathLike) -> list[dict[str, str]]:
         if entry.name.startswith("."):
             continue
         if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
-            items.append({"image": str(entry)})
+            items.append({"image": os.path.abspath(entry)})
         elif entry.is_dir() and _is_dicom_series(entry):
-            items.append({"image": str(entry)})
+            items.append({"image": os.path.abspath(entry)})
     if not items:
         seen = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
         raise ValueError(

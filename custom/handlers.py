@@ -25,7 +25,7 @@ from .utils import atomic_torch_save, atomic_write, is_main_process
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["TrainingCheckpoint", "BestModelSaver", "EvaluationReport"]
+__all__ = ["TrainingCheckpoint", "BestModelSaver", "EvaluationReport", "NonFiniteLossError", "StopOnNonFiniteLoss"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,46 @@ class BestModelSaver:
             )
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss:
+    """Stop training with a clear error the first time the loss is NaN or infinite.
+
+    ignite's ``TerminateOnNan`` ends the run quietly (a warning, exit status 0); a multi-day run then
+    looks finished. This raises instead, so the command exits non-zero; the checkpoint of the last
+    completed epoch is left as it was (checkpoints are written at epoch ends only), and resuming
+    from it with a lower ``learning_rate`` is the usual fix.
+
+    Args:
+        ckpt_dir: named in the message (where the last good checkpoint is).
+        loss_key: key of the loss in the iteration output.
+    """
+
+    def __init__(self, ckpt_dir: str = "", loss_key: str = "loss") -> None:
+        self.ckpt_dir = ckpt_dir
+        self.loss_key = loss_key
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        for item in items:
+            loss = item.get(self.loss_key) if isinstance(item, Mapping) else None
+            if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+                raise NonFiniteLossError(
+                    f"training loss is {float(torch.as_tensor(loss).float().mean())} at epoch {engine.state.epoch}, "
+                    f"iteration {engine.state.iteration}: stopped. The checkpoint of the last completed epoch in "
+                    f"{self.ckpt_dir or 'ckpt_dir'} is kept; resume from it (the same command) with a lower "
+                    "--learning_rate, or check the data with the check_data command."
+                )
+
+
 def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 6)
 
@@ -262,6 +302,7 @@ class EvaluationReport:
                     item[label_key],
                     item[pred_key],
                     title=case,
+                    background_channel=not self.include_background,
                 )
 
     def epoch_completed(self, engine: Engine) -> None:

@@ -34,7 +34,8 @@ class DataCheck:
     """Preflight of a decathlon-style datalist.
 
     Args:
-        datalist: path of the datalist JSON, or a list of paths (the SSL bundle reads several).
+        datalist: path of the datalist JSON, or a list of paths (the SSL bundle reads several); None with
+            ``items``.
         dataset_dir: folder the datalist's relative paths start from; no path may leave it.
         num_classes: labels must lie in ``0 .. num_classes - 1``.
         roi_size: the training crop; volumes smaller than it after resampling are reported as padded.
@@ -42,11 +43,15 @@ class DataCheck:
         sections: datalist lists to check (``training`` must be present and non-empty).
         affine_tolerance: largest allowed difference (mm) between image and label affines.
         require_labels: training and validation entries need a ``label`` (not for self-supervision).
+        items: ``[{"image": path}, ...]`` to check instead of a datalist (inference inputs).
+        min_voxels: a volume with fewer voxels than this along an axis after resampling is refused
+            (a single slice or a scout cannot be padded into a sensible 3-D crop); smaller than the ROI
+            but not that thin is noted: it is zero-padded to the ROI.
         in_channels: the image channels the bundle expects (the 4th dimension of a 4-D NIfTI, 1 for 3-D);
             None skips the check.
     """
 
-    datalist: str | Sequence[str]
+    datalist: str | Sequence[str] | None
     dataset_dir: str
     num_classes: int
     roi_size: Sequence[int] = (96, 96, 96)
@@ -55,6 +60,8 @@ class DataCheck:
     affine_tolerance: float = 1e-3
     require_labels: bool = True
     in_channels: int | None = None
+    items: Sequence[dict] | None = None
+    min_voxels: int = 8
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -65,8 +72,12 @@ class DataCheck:
             DataCheckError: at least one problem was found (all are listed).
         """
         self.problems, self.notes = [], []
-        files = [self.datalist] if isinstance(self.datalist, (str, os.PathLike)) else list(self.datalist)
-        cases = [case for f in files for case in self._read_datalist(f)]
+        if self.items is not None:
+            files = [f"the {len(self.items)} input(s) in {self.dataset_dir}"]
+            cases = [("test", item) for item in self.items]
+        else:
+            files = [self.datalist] if isinstance(self.datalist, (str, os.PathLike)) else list(self.datalist)
+            cases = [case for f in files for case in self._read_datalist(f)]
         for section, item in cases:
             self._check_case(section, item)
         for note in self.notes:
@@ -183,6 +194,14 @@ class DataCheck:
         zooms = img.header.get_zooms()[:3]
         pixdim = zooms if self.pixdim is None else self.pixdim
         resampled = [math.floor(n * z / p) for n, z, p in zip(img.shape[:3], zooms, pixdim)]
+        thin = [i for i, n in enumerate(resampled) if n < self.min_voxels]
+        if thin:
+            self.problems.append(
+                f"{path}: only {tuple(resampled)} voxels at {tuple(float(p) for p in pixdim)} mm (axis {thin} under "
+                f"{self.min_voxels}): a slice or a scout, not a volume; padding it to roi_size would train on "
+                "padding. Remove it from the list."
+            )
+            return
         small = [i for i, (n, r) in enumerate(zip(resampled, self.roi_size)) if n < r]
         if small:
             self.notes.append(

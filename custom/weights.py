@@ -37,6 +37,7 @@ __all__ = [
     "released_to_monai_key",
     "monai_to_released_key",
     "validate_optional_path",
+    "verified_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,37 @@ def validate_optional_path(value: object, name: str) -> str | None:
     return text
 
 
+def verified_path(path: str, bundle_root: str) -> str:
+    """Return ``path`` after checking it against ``<bundle_root>/large_files.yml``, where it is listed there.
+
+    The model zoo's ``large_files.yml`` lists downloadable files as ``path``, ``url``, ``hash_val``,
+    ``hash_type``. A listed file whose checksum differs (a partial download, a swapped file) is refused
+    before anything is loaded from it; MONAI's ``check_hash`` computes the checksum. Files not listed,
+    or a bundle without the file, pass unchanged.
+
+    Raises:
+        ValueError: the file's checksum does not match its entry.
+    """
+    listing = os.path.join(bundle_root, "large_files.yml")
+    if not os.path.isfile(listing) or not os.path.isfile(path):
+        return path
+    import yaml
+    from monai.apps.utils import check_hash
+
+    with open(listing) as f:
+        entries = (yaml.safe_load(f) or {}).get("large_files", [])
+    for entry in entries:
+        if os.path.realpath(os.path.join(bundle_root, entry.get("path", ""))) != os.path.realpath(path):
+            continue
+        hash_type = entry.get("hash_type", "md5")
+        if entry.get("hash_val") and not check_hash(path, entry["hash_val"], hash_type):
+            raise ValueError(
+                f"{path}: {hash_type} checksum does not match large_files.yml ({entry['hash_val']}): "
+                "a partial download or another file; download it again"
+            )
+    return path
+
+
 def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> LoadReport:
     """Copy Swin encoder weights from a released-layout file into a ``SwinUNETR``.
 
@@ -211,6 +243,7 @@ def prepare_network(
     network: torch.nn.Module,
     device: torch.device | str,
     pretrained_path: str | None = None,
+    bundle_root: str = ".",
 ) -> torch.nn.Module:
     """The training network: ``network`` with encoder weights from ``pretrained_path`` (if given), on ``device``.
 
@@ -219,5 +252,6 @@ def prepare_network(
     """
     path = validate_optional_path(pretrained_path, "pretrained_path")
     if path is not None:
+        verified_path(path, bundle_root)
         load_swinvit_weights(network, path, strict=True)
     return network.to(device)

@@ -53,6 +53,8 @@ def broken_dataset(tmp_path) -> tuple[Path, dict[str, str]]:
     raw = (d / "imagesTr/corrupt.nii.gz").read_bytes()
     (d / "imagesTr/corrupt.nii.gz").write_bytes(raw[: len(raw) // 3])  # truncated download
     expect["unreadable image"] = "imagesTr/corrupt.nii.gz"
+    case("thin", image=img[:, :, :2], label=lab[:, :, :2])  # two slices: not a volume
+    expect["a slice or a scout"] = "imagesTr/thin.nii.gz"
     cases.append({"image": "imagesTr/missing.nii.gz", "label": "labelsTr/good.nii.gz"})
     expect["image file not found"] = "imagesTr/missing.nii.gz"
     cases.append({"image": "../outside.nii.gz", "label": "labelsTr/good.nii.gz"})

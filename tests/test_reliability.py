@@ -1,0 +1,192 @@
+"""Reliability: atomic checkpoints, kill -9 and resume, non-finite loss, pickle payloads, checksums, preflight."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+
+from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
+from custom.handlers import NonFiniteLossError, StopOnNonFiniteLoss, TrainingCheckpoint
+from custom.utils import atomic_torch_save, atomic_write
+from custom.weights import load_swinvit_weights, verified_path
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    atomic_torch_save({"iteration": 1}, path)
+
+    def torn_write(f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("killed mid-write")
+
+    with pytest.raises(OSError):
+        atomic_write(path, torn_write)
+    assert torch.load(path, weights_only=True) == {"iteration": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_every_torch_load_in_custom_is_weights_only():
+    calls = [(p.name, line.strip()) for p in (REPO / "custom").glob("*.py") for line in p.read_text().splitlines()
+             if "torch.load(" in line and not line.strip().startswith(("#", ">>>"))]
+    assert calls and all("weights_only=True" in line for _, line in calls), calls
+
+
+class Payload:
+    """Unpickling this runs Path.touch(marker): code execution, if the loader allowed it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_payload_in_a_weight_file_is_refused_not_run(tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model_swinvit.pt"
+    torch.save({"state_dict": {"module.patch_embed.proj.weight": Payload(marker)}}, evil)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_swinvit_weights(SwinUNETR(in_channels=1, out_channels=14, feature_size=12), evil)
+    assert not marker.exists()
+
+
+def test_pickle_payload_in_checkpoint_is_refused_on_resume(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Payload(marker)}, tmp_path / "checkpoint.pt")
+    engine = Engine(lambda e, b: None)
+    handler = TrainingCheckpoint(str(tmp_path), {"model": torch.nn.Linear(1, 1)})
+    handler.attach(engine)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.run([0], max_epochs=1)
+    assert not marker.exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        return {"loss": torch.tensor(float("nan") if engine.state.iteration == 3 else 1.0)}
+
+    engine = Engine(step)
+    TrainingCheckpoint(str(tmp_path), {"model": model, "optimizer": optimizer}).attach(engine)
+    StopOnNonFiniteLoss(str(tmp_path)).attach(engine)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, iteration 3.*last completed epoch"):
+        engine.run([0, 1], max_epochs=5)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 2  # epoch 1's
+
+
+def test_checksum_in_large_files_yml_is_enforced(tmp_path):
+    weights = tmp_path / "models" / "model.pt"
+    weights.parent.mkdir()
+    torch.save({"w": torch.ones(2)}, weights)
+    assert verified_path(str(weights), str(tmp_path)) == str(weights)  # not listed: nothing to check
+    import hashlib
+
+    good = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (tmp_path / "large_files.yml").write_text(
+        f'large_files:\n  - path: "models/model.pt"\n    url: "file:///nowhere"\n    hash_val: "{good}"\n    hash_type: "sha256"\n'
+    )
+    assert verified_path(str(weights), str(tmp_path)) == str(weights)
+    (tmp_path / "large_files.yml").write_text((tmp_path / "large_files.yml").read_text().replace(good, "0" * 64))
+    with pytest.raises(ValueError, match=r"model.pt: sha256 .* does not match large_files.yml"):
+        verified_path(str(weights), str(tmp_path))
+
+
+def test_kill_9_during_training_then_the_same_command_resumes(tmp_path, sample_dataset):
+    overrides = {**SMALL, "dataset_dir": str(sample_dataset), "ckpt_dir": str(tmp_path / "models"),
+                 "output_dir": str(tmp_path / "outputs"), "max_epochs": 4, "epoch_length": 1, "val_interval": 100,
+                 "num_samples": 1, "use_checkpoint": False, "warmup_epochs": 2}
+    cmd = bundle_command("training", ["configs/train.json"], overrides)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ckpt = tmp_path / "models" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, cwd=BTCV, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.exists():
+                try:
+                    if torch.load(ckpt, weights_only=True)["trainer"]["iteration"] >= 1:
+                        break
+                except Exception:  # being replaced right now: atomic rename, try again
+                    pass
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = torch.load(ckpt, weights_only=True)["trainer"]["iteration"]
+    assert 1 <= saved < 4
+
+    again = run_bundle("training", ["configs/train.json"], overrides)
+    assert f"resumed from {ckpt}: epoch {saved}, iteration {saved}" in again.stdout
+    epochs_run = sorted({int(m) for m in re.findall(r"Epoch: (\d+)/4", again.stdout)})
+    assert epochs_run == list(range(saved + 1, 5))  # only the epochs left, not a restart
+    state = torch.load(ckpt, weights_only=True)
+    assert state["trainer"]["iteration"] == 4
+    # warm-up 2 steps then cosine over 4: the LR after 4 steps is the schedule's, continued across the kill
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    from monai.optimizers import WarmupCosineSchedule
+
+    sched = WarmupCosineSchedule(opt, warmup_steps=2, t_total=4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+
+
+def _write(path: Path, data: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0])), str(path))
+
+
+def test_inference_checks_its_inputs_first_and_the_flag_skips_it(tmp_path, trained):
+    inp = tmp_path / "in"
+    bad = np.zeros((40, 40, 30), np.float32)
+    bad[5, 5, 5] = np.nan
+    _write(inp / "broken.nii.gz", bad)
+    (inp / "truncated.nii.gz").write_bytes((inp / "broken.nii.gz").read_bytes()[:200])
+    out = tmp_path / "seg"
+    args = {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(inp), "output_dir": str(out)}
+    proc = run_bundle("inference", ["configs/inference.json"], args, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "found 2 problem(s)" in text
+    assert "broken.nii.gz: image holds NaN or Inf values" in text and "truncated.nii.gz: unreadable image" in text
+    assert not out.exists()
+
+    (inp / "truncated.nii.gz").unlink()
+    run_bundle("inference", ["configs/inference.json"], {**args, "preflight": False})  # the check is skipped
+    assert (out / "broken_seg.nii.gz").is_file()
+
+
+def test_msd_task_folder_problems_are_named_before_training(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from msd_tasks import make_task
+
+    task = make_task(tmp_path, "Task09_Spleen", cases=2, tests=0)
+    meta = json.loads((task / "dataset.json").read_text())
+    meta["name"] = "Kidney"
+    del meta["modality"]
+    (task / "dataset.json").write_text(json.dumps(meta))
+    renamed = task.rename(tmp_path / "Task11_Kidney")
+    proc = run_bundle("check_data", ["configs/train.json"], {"dataset_dir": str(renamed)}, cwd=REPO / "swin_unetr_msd",
+                      check=False)
+    assert proc.returncode != 0 and "Task11_Kidney/dataset.json: missing ['modality']" in proc.stdout + proc.stderr
