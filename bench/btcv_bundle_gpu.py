@@ -44,6 +44,15 @@ def _stamper() -> tuple[list[float], Callable]:
     return stamps, stamp
 
 
+def bench_args(doc: str, default_out: str) -> argparse.Namespace:
+    """The command line both GPU benches share: --sample_dir, --out, --steps."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--sample_dir", default=str(REPO.parent / "shared" / "data" / "ct_sample"))
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--steps", type=int, default=12, help="training steps timed (after 2 warm-up steps)")
+    return parser.parse_args()
+
+
 def gpu_header(recipe: str) -> dict | None:
     """Device and versions for a result file; None (and a message) without a CUDA GPU."""
     if not torch.cuda.is_available():
@@ -133,11 +142,7 @@ def infer(ct_full: Path, work: Path, copies: int = 3) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sample_dir", default=str(REPO.parent / "shared" / "data" / "ct_sample"))
-    parser.add_argument("--out", default="btcv_bundle_gpu.json")
-    parser.add_argument("--steps", type=int, default=12)
-    args = parser.parse_args()
+    args = bench_args(__doc__, "btcv_bundle_gpu.json")
     results = gpu_header("feature_size 48, roi 96^3, batch 1 x 4 crops, AMP fp16, AdamW, pixdim 1.5x1.5x2.0")
     if results is None:
         return 2

@@ -10,7 +10,6 @@ the median seconds per step after warm-up, crops per second and peak GPU memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -19,17 +18,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from btcv_bundle_gpu import REPO, gpu_header, time_training  # noqa: E402
+from btcv_bundle_gpu import REPO, bench_args, gpu_header, time_training  # noqa: E402
 
 SSL = REPO / "swin_unetr_ssl"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sample_dir", default=str(REPO.parent / "shared" / "data" / "ct_sample"))
-    parser.add_argument("--out", default="ssl_bundle_gpu.json")
-    parser.add_argument("--steps", type=int, default=12)
-    args = parser.parse_args()
+    args = bench_args(__doc__, "ssl_bundle_gpu.json")
     results = gpu_header("feature_size 48, roi 96^3, batch 2 x 2 crops (8 views), AMP fp16, AdamW")
     if results is None:
         return 2

@@ -18,7 +18,7 @@ BTCV = REPO / "swin_unetr_btcv"
 sys.path.insert(0, str(REPO))
 
 from bundles.demo import DEMO_OVERRIDES, bundle_command  # noqa: E402
-from bundles.demo import cli_args as cli  # noqa: E402
+from bundles.demo import cli_args as cli  # noqa: E402,F401  (re-exported to the test modules)
 from bundles.sample_data import DEFAULT_SAMPLE_DIR, prepare_sample_dataset  # noqa: E402
 
 #: overrides every bundle command in the tests shares: the demo's small sizes, a cheaper sliding window
