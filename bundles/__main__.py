@@ -1,10 +1,10 @@
-"""``python -m bundles <command>``: the collection's tools. Commands: demo."""
+"""``python -m bundles <command>``: the collection's tools. Commands: demo, package, index, download."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"demo": "bundles.demo"}
+COMMANDS = {"demo": "bundles.demo", "package": "bundles.package", "index": "bundles.package", "download": "bundles.package"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import importlib
 
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return module.main(argv if module.__name__ == "bundles.package" else argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""Publication: reproducible archives, an index and downloads through it, running a downloaded bundle, ONNX."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bundles.package import download_bundle, package_bundle, sha256, write_index
+from conftest import BTCV, SMALL, cli, run_bundle
+
+
+def test_archive_is_reproducible_and_self_contained(tmp_path):
+    a = package_bundle(BTCV, tmp_path / "a")
+    b = package_bundle(BTCV, tmp_path / "b")
+    assert a.name == "swin_unetr_btcv_v0.1.0.zip" and a.read_bytes() == b.read_bytes()
+    with zipfile.ZipFile(a) as zf:
+        names = zf.namelist()
+        infos = zf.infolist()
+    assert names == sorted(names)
+    assert all(n.startswith("swin_unetr_btcv/") for n in names)
+    assert "swin_unetr_btcv/custom/weights.py" in names and "swin_unetr_btcv/configs/train.json" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/models/" in n]
+    assert all(i.date_time == (1980, 1, 1, 0, 0, 0) and not (i.external_attr >> 16) & 0o170000 == 0o120000 for i in infos)
+
+
+def test_index_and_download_refuse_a_mismatching_archive(tmp_path):
+    archive = package_bundle(BTCV, tmp_path / "dist")
+    index = write_index([archive], (tmp_path / "dist").as_uri(), tmp_path / "dist" / "model_info.json")
+    assert index["swin_unetr_btcv_v0.1.0"]["checksum"] == sha256(archive)
+    got = download_bundle("swin_unetr_btcv", str(tmp_path / "dist" / "model_info.json"), tmp_path / "ok")
+    assert (got / "configs" / "inference.json").is_file() and (got / "custom" / "weights.py").is_file()
+    archive.write_bytes(archive.read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="checksum differs from the index"):
+        download_bundle("swin_unetr_btcv", str(tmp_path / "dist" / "model_info.json"), tmp_path / "bad")
+    assert not list((tmp_path / "bad").glob("*"))  # nothing kept, nothing unpacked
+    with pytest.raises(KeyError, match="no bundle 'nope'"):
+        download_bundle("nope", str(tmp_path / "dist" / "model_info.json"), tmp_path / "bad")
+
+
+def test_downloaded_bundle_runs_inference_outside_the_repo(trained, tmp_path, sample_dir):
+    """Package with a freshly trained model, download with MONAI's own command, segment the real slab."""
+    staged = tmp_path / "stage" / "swin_unetr_btcv"
+    shutil.copytree(BTCV, staged, ignore=shutil.ignore_patterns("__pycache__", "models", "outputs"))
+    (staged / "models").mkdir()
+    shutil.copy(Path(trained["ckpt_dir"]) / "model.pt", staged / "models" / "model.pt")
+    archive = package_bundle(staged, tmp_path / "dist", include=["models/model.pt"])
+    target = tmp_path / "downloaded"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "download", "--name", "swin_unetr_btcv", "--bundle_dir",
+                    str(target), "--url", archive.as_uri()], check=True, capture_output=True, timeout=300)
+    bundle = target / "swin_unetr_btcv"
+    assert (bundle / "models" / "model.pt").is_file() and not (bundle / "custom").is_symlink()
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(sample_dir / "ct_slab.nii.gz", inp / "slab.nii.gz")
+    run_bundle("inference", ["configs/inference.json"], {**SMALL, "input_dir": str(inp), "output_dir": str(tmp_path / "seg")},
+               cwd=bundle)
+    assert (tmp_path / "seg" / "slab_seg.nii.gz").is_file()
+
+
+def test_onnx_export_matches_eager(trained, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from monai.networks.nets import SwinUNETR
+
+    out = tmp_path / "model.onnx"
+    cmd = [sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", str(out), "--ckpt_file",
+           str(Path(trained["ckpt_dir"]) / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
+           "configs/inference.json", "--input_shape", "[1,1,64,64,64]", "--use_trace", "True",
+           "--converter_kwargs", "{'dynamo': False, 'opset_version': 17}", *cli({"feature_size": 12})]
+    proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12).eval()
+    net.load_state_dict(torch.load(Path(trained["ckpt_dir"]) / "model.pt", weights_only=True))
+    x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = net(x).numpy()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    diff = float(np.abs(onnx_out - eager).max())
+    print(f"ONNX Runtime vs eager PyTorch, max abs difference: {diff:.2e}")
+    assert diff < 1e-3
