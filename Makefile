@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+MLVENV ?= .venv-monailabel
+
+.PHONY: setup demo test test-monailabel clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# a real MONAI Label 0.8.5 server with the BTCV bundle, in its own environment (numpy < 2); minutes
+test-monailabel: setup
+	$(PY) ci/monailabel_check.py --venv $(MLVENV) --base-python $(PYTHON)
 
 clean:
 	rm -rf demo_work .pytest_cache
