@@ -82,10 +82,6 @@ class TaskRecipe:
         """Network outputs: one per region (sigmoid), or one per class, background first (softmax)."""
         return len(self.class_names)
 
-    @property
-    def num_classes(self) -> int:
-        return self.out_channels
-
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "out_channels": self.out_channels}
 
