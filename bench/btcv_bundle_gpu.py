@@ -60,8 +60,13 @@ def gpu_header(recipe: str) -> dict | None:
         return None
     import monai
 
-    return {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "monai": monai.__version__, "recipe": recipe}
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "monai": monai.__version__,
+        "recipe": recipe,
+    }
 
 
 def time_training(bundle: Path, overrides: dict, steps: int, state_file: Path | None = None) -> dict:
@@ -69,9 +74,17 @@ def time_training(bundle: Path, overrides: dict, steps: int, state_file: Path | 
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train",
-                        bundle_root=str(bundle), max_epochs=1, epoch_length=steps, val_interval=1000, num_workers=4,
-                        resume=False, **overrides)
+    wf = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"),
+        workflow_type="train",
+        bundle_root=str(bundle),
+        max_epochs=1,
+        epoch_length=steps,
+        val_interval=1000,
+        num_workers=4,
+        resume=False,
+        **overrides,
+    )
     wf.initialize()
     if "prepare_corpus" in wf.parser:  # the SSL bundle's dataset reads the preprocessed corpus
         wf.parser.get_parsed_content("prepare_corpus")()
@@ -97,8 +110,12 @@ def time_training(bundle: Path, overrides: dict, steps: int, state_file: Path | 
 
 
 def train(dataset: Path, work: Path, use_checkpoint: bool, steps: int) -> dict:
-    overrides = {"dataset_dir": str(dataset), "ckpt_dir": str(work / "models"), "output_dir": str(work / "outputs"),
-                 "use_checkpoint": use_checkpoint}
+    overrides = {
+        "dataset_dir": str(dataset),
+        "ckpt_dir": str(work / "models"),
+        "output_dir": str(work / "outputs"),
+        "use_checkpoint": use_checkpoint,
+    }
     (work / "models").mkdir(parents=True, exist_ok=True)
     return {"use_checkpoint": use_checkpoint, **time_training(BUNDLE, overrides, steps, work / "models" / "model.pt")}
 

@@ -35,13 +35,20 @@ def main() -> int:
             shutil.copy(Path(args.sample_dir) / "ct_full.nii.gz", data / f"ct_full_{name}.nii.gz")
         shutil.copy(Path(args.sample_dir) / "ct_slab.nii.gz", data / "ct_slab.nii.gz")
         datalist = data / "ssl.json"
-        datalist.write_text(json.dumps({"training": ["ct_full_a.nii.gz", "ct_full_b.nii.gz"], "validation": ["ct_slab.nii.gz"]}))
+        datalist.write_text(
+            json.dumps({"training": ["ct_full_a.nii.gz", "ct_full_b.nii.gz"], "validation": ["ct_slab.nii.gz"]})
+        )
         results["train"] = []
         for use_checkpoint in (True, False):
             work = Path(tmp) / f"run{int(use_checkpoint)}"
-            overrides = {"dataset_dir": str(data), "datalist": [str(datalist)], "cache_dir": str(Path(tmp) / "cache"),
-                         "ckpt_dir": str(work / "models"), "output_dir": str(work / "outputs"),
-                         "use_checkpoint": use_checkpoint}
+            overrides = {
+                "dataset_dir": str(data),
+                "datalist": [str(datalist)],
+                "cache_dir": str(Path(tmp) / "cache"),
+                "ckpt_dir": str(work / "models"),
+                "output_dir": str(work / "outputs"),
+                "use_checkpoint": use_checkpoint,
+            }
             results["train"].append({"use_checkpoint": use_checkpoint, **time_training(SSL, overrides, args.steps)})
             print(json.dumps(results["train"][-1]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -99,7 +99,9 @@ def main() -> int:
     t_batched = time_it(batched, x, args.repeats)
     t_loop = time_it(loop_views, x, args.repeats)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        ),
         "torch": torch.__version__,
         "batch": args.batch,
         "crop": [args.size] * 3,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"demo": "bundles.demo", "package": "bundles.package", "index": "bundles.package", "download": "bundles.package"}
+COMMANDS = {
+    "demo": "bundles.demo",
+    "package": "bundles.package",
+    "index": "bundles.package",
+    "download": "bundles.package",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,9 +126,7 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
         ("fine-tune", bundle_command("training", ["configs/train.json"], finetune)),
         (
             "evaluate",
-            bundle_command(
-                "evaluating", ["configs/train.json", "configs/evaluate.json"], {**paths, **DEMO_OVERRIDES}
-            ),
+            bundle_command("evaluating", ["configs/train.json", "configs/evaluate.json"], {**paths, **DEMO_OVERRIDES}),
         ),
         (
             "segment ct_full",
@@ -153,7 +151,11 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
             bar.update(1)
 
     metrics = json.loads((work_dir / "outputs" / "metrics.json").read_text())
-    loaded = [line.split(" - ")[-1] for line in (work_dir / "logs" / "fine-tune.log").read_text().splitlines() if "encoder tensors" in line]
+    loaded = [
+        line.split(" - ")[-1]
+        for line in (work_dir / "logs" / "fine-tune.log").read_text().splitlines()
+        if "encoder tensors" in line
+    ]
     print(f"\nFine-tuning started from the pre-trained encoder: {loaded[0] if loaded else 'NOT LOADED'}")
     print("\nPer-organ Dice on the labelled slab (also the training volume: this measures fit, not generalisation)")
     print(_dice_table(metrics))
@@ -171,7 +173,9 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bundles demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work_dir", default=str(REPO / "demo_work"), help="where the demo writes (default demo_work/)")
+    parser.add_argument(
+        "--work_dir", default=str(REPO / "demo_work"), help="where the demo writes (default demo_work/)"
+    )
     parser.add_argument("--sample_dir", default=str(DEFAULT_SAMPLE_DIR), help="the shared CT sample folder")
     args = parser.parse_args(argv)
     run_demo(Path(args.work_dir), Path(args.sample_dir))

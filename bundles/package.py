@@ -63,7 +63,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def package_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike = "dist", include: list[str] | None = None) -> Path:
+def package_bundle(
+    bundle_dir: str | os.PathLike, out_dir: str | os.PathLike = "dist", include: list[str] | None = None
+) -> Path:
     """Write the reproducible archive of ``bundle_dir`` into ``out_dir``; returns its path.
 
     Raises:
@@ -100,7 +102,11 @@ def write_index(archives: list[str | os.PathLike], base_url: str, out: str | os.
     index = json.loads(path.read_text()) if path.is_file() else {}
     for archive in map(Path, archives):
         key = archive.stem  # <name>_v<version>
-        index[key] = {"checksum": sha256(archive), "hash_type": "sha256", "source": f"{base_url.rstrip('/')}/{archive.name}"}
+        index[key] = {
+            "checksum": sha256(archive),
+            "hash_type": "sha256",
+            "source": f"{base_url.rstrip('/')}/{archive.name}",
+        }
     path.write_text(json.dumps(dict(sorted(index.items())), indent=4) + "\n")
     return index
 
@@ -122,19 +128,28 @@ def download_bundle(name: str, index: str, bundle_dir: str | os.PathLike, versio
 
     entries = _read_index(index)
     versions = sorted(
-        (k.rsplit("_v", 1)[1] for k in entries if k.rsplit("_v", 1)[0] == name), key=lambda v: [int(x) for x in v.split(".") if x.isdigit()]
+        (k.rsplit("_v", 1)[1] for k in entries if k.rsplit("_v", 1)[0] == name),
+        key=lambda v: [int(x) for x in v.split(".") if x.isdigit()],
     )
     if not versions or (version is not None and version not in versions):
-        raise KeyError(f"{index}: no bundle {name!r}" + (f" version {version}" if version else "") + f"; it lists {sorted(entries)}")
+        raise KeyError(
+            f"{index}: no bundle {name!r}"
+            + (f" version {version}" if version else "")
+            + f"; it lists {sorted(entries)}"
+        )
     entry = entries[f"{name}_v{version or versions[-1]}"]
     target = Path(bundle_dir)
     target.mkdir(parents=True, exist_ok=True)
     archive = target / Path(entry["source"]).name
     try:
-        download_url(entry["source"], str(archive), hash_val=entry["checksum"], hash_type=entry.get("hash_type", "sha256"))
+        download_url(
+            entry["source"], str(archive), hash_val=entry["checksum"], hash_type=entry.get("hash_type", "sha256")
+        )
     except HashCheckError as e:
         archive.unlink(missing_ok=True)
-        raise ValueError(f"{entry['source']}: checksum differs from the index {index}: refused, nothing unpacked") from e
+        raise ValueError(
+            f"{entry['source']}: checksum differs from the index {index}: refused, nothing unpacked"
+        ) from e
     extractall(str(archive), str(target), has_base=True)
     archive.unlink()
     return target / name
@@ -146,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("package", help="write <name>_v<version>.zip")
     p.add_argument("bundle")
     p.add_argument("--out", default="dist")
-    p.add_argument("--include", nargs="*", default=[], help="files under models/ to pack (weights are not packed by default)")
+    p.add_argument(
+        "--include", nargs="*", default=[], help="files under models/ to pack (weights are not packed by default)"
+    )
     p = sub.add_parser("index", help="write model_info.json for archives served from --base_url")
     p.add_argument("archives", nargs="+")
     p.add_argument("--base_url", required=True)
@@ -159,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "package":
-            archive = package_bundle(REPO / args.bundle if not Path(args.bundle).is_dir() else args.bundle, args.out, args.include)
+            archive = package_bundle(
+                REPO / args.bundle if not Path(args.bundle).is_dir() else args.bundle, args.out, args.include
+            )
             print(f"{archive}  sha256 {sha256(archive)}")
         elif args.command == "index":
             write_index(args.archives, args.base_url, args.out)

@@ -67,7 +67,9 @@ class TrainingCheckpoint:
         protect: Sequence[str] = ("checkpoint.pt", "model.pt"),
     ) -> None:
         if not isinstance(resume, bool):
-            raise TypeError(f"resume must be True or False, got {resume!r}: write `--resume False` on the command line.")
+            raise TypeError(
+                f"resume must be True or False, got {resume!r}: write `--resume False` on the command line."
+            )
         if "trainer" in save_dict:
             raise ValueError("save_dict must not contain 'trainer': the engine the handler is attached to is saved.")
         self.path = Path(save_dir) / filename
@@ -315,7 +317,9 @@ class EvaluationReport:
         scores = torch.as_tensor(details, dtype=torch.float64).reshape(len(cases), -1)
         names = self.class_names if self.include_background else self.class_names[1:]
         if scores.shape[1] != len(names):
-            raise ValueError(f"{self.metric_name} has {scores.shape[1]} classes but metadata names {len(names)}: {names}")
+            raise ValueError(
+                f"{self.metric_name} has {scores.shape[1]} classes but metadata names {len(names)}: {names}"
+            )
         per_class = {n: _nan_to_none(torch.nanmean(scores[:, i]).item()) for i, n in enumerate(names)}
         valid = [v for v in per_class.values() if v is not None]
         report = {

@@ -95,7 +95,9 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
     "Prostate": TaskRecipe("Prostate", "MRI", (0.6, 0.6, 3.6), (160, 160, 32)),
     "Lung": TaskRecipe("Lung", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-1000.0, 500.0), ssl_weights_suit=True),
     "Pancreas": TaskRecipe("Pancreas", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
-    "HepaticVessel": TaskRecipe("HepaticVessel", "CT", (0.8, 0.8, 1.5), (96, 96, 96), (-100.0, 300.0), ssl_weights_suit=True),
+    "HepaticVessel": TaskRecipe(
+        "HepaticVessel", "CT", (0.8, 0.8, 1.5), (96, 96, 96), (-100.0, 300.0), ssl_weights_suit=True
+    ),
     "Spleen": TaskRecipe("Spleen", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-57.0, 164.0), ssl_weights_suit=True),
     "Colon": TaskRecipe("Colon", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
 }
@@ -138,8 +140,14 @@ def _derived_recipe(name: str, meta: dict, dataset_dir: Path) -> TaskRecipe:
         except Exception:  # unreadable files are reported by check_data, not here
             continue
     pixdim = tuple(float(v) for v in np.median(spacings, axis=0)) if spacings else (1.0, 1.0, 1.0)
-    return TaskRecipe(name or dataset_dir.name, "CT" if ct else "MRI", pixdim, (96, 96, 96),
-                      (-175.0, 250.0) if ct else None, ssl_weights_suit=ct)
+    return TaskRecipe(
+        name or dataset_dir.name,
+        "CT" if ct else "MRI",
+        pixdim,
+        (96, 96, 96),
+        (-175.0, 250.0) if ct else None,
+        ssl_weights_suit=ct,
+    )
 
 
 def load_task(dataset_dir: str | os.PathLike) -> TaskRecipe:
@@ -162,7 +170,9 @@ def load_task(dataset_dir: str | os.PathLike) -> TaskRecipe:
     return replace(recipe, in_channels=len(meta["modality"]), class_names=class_names, num_labels=len(labels))
 
 
-def msd_datalist(dataset_dir: str | os.PathLike, section: str = "training", num_folds: int = 5, fold: int = 0) -> list[dict]:
+def msd_datalist(
+    dataset_dir: str | os.PathLike, section: str = "training", num_folds: int = 5, fold: int = 0
+) -> list[dict]:
     """Training or validation cases of an MSD task: dataset.json's ``training`` list split by folds.
 
     MSD ships no validation list; case i (sorted by image name) is validation when ``i % num_folds ==
@@ -184,7 +194,9 @@ def intensity_transform(recipe: TaskRecipe, keys: KeysCollection = "image") -> M
     from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
 
     if recipe.window is not None:
-        return ScaleIntensityRanged(keys, a_min=recipe.window[0], a_max=recipe.window[1], b_min=0.0, b_max=1.0, clip=True)
+        return ScaleIntensityRanged(
+            keys, a_min=recipe.window[0], a_max=recipe.window[1], b_min=0.0, b_max=1.0, clip=True
+        )
     return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)
 
 
@@ -202,7 +214,11 @@ class MSDBrainTumourRegionsd(MapTransform):
         for key in self.key_iterator(d):
             label = d[key]
             regions = [sum((label == v) for v in values) > 0 for values in BRATS_REGIONS.values()]
-            d[key] = torch.cat([torch.as_tensor(r) for r in regions]).float() if isinstance(label, torch.Tensor) else np.concatenate(regions).astype(np.float32)
+            d[key] = (
+                torch.cat([torch.as_tensor(r) for r in regions]).float()
+                if isinstance(label, torch.Tensor)
+                else np.concatenate(regions).astype(np.float32)
+            )
             if hasattr(label, "meta") and hasattr(d[key], "meta"):
                 d[key].meta = label.meta
         return d
@@ -235,12 +251,19 @@ def metadata_for_task(meta: dict, recipe: TaskRecipe) -> dict:
     meta = json.loads(json.dumps(meta))
     inputs = meta["network_data_format"]["inputs"]["image"]
     outputs = meta["network_data_format"]["outputs"]["pred"]
-    inputs.update(num_channels=recipe.in_channels, spatial_shape=list(recipe.roi_size), modality=recipe.modality,
-                  format="hounsfield" if recipe.modality == "CT" else "magnitude",
-                  value_range=[0, 1] if recipe.window else [-5, 5],
-                  channel_def={str(i): f"channel {i}" for i in range(recipe.in_channels)})
-    outputs.update(num_channels=recipe.out_channels, spatial_shape=list(recipe.roi_size),
-                   channel_def={str(i): n for i, n in enumerate(recipe.class_names)})
+    inputs.update(
+        num_channels=recipe.in_channels,
+        spatial_shape=list(recipe.roi_size),
+        modality=recipe.modality,
+        format="hounsfield" if recipe.modality == "CT" else "magnitude",
+        value_range=[0, 1] if recipe.window else [-5, 5],
+        channel_def={str(i): f"channel {i}" for i in range(recipe.in_channels)},
+    )
+    outputs.update(
+        num_channels=recipe.out_channels,
+        spatial_shape=list(recipe.roi_size),
+        channel_def={str(i): n for i, n in enumerate(recipe.class_names)},
+    )
     meta["task"] = f"MSD {recipe.name} segmentation"
     return meta
 
@@ -251,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     Prints the task's recipe as JSON; with ``--write_metadata`` also sets that metadata.json's network
     input/output channels and class names to the task's (so MONAI Label and the model zoo checks see them).
     """
-    parser = argparse.ArgumentParser(prog="python -m custom.msd", description="show the recipe chosen for an MSD task folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m custom.msd", description="show the recipe chosen for an MSD task folder"
+    )
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--write_metadata", default=None, help="a bundle metadata.json to update for this task")
     args = parser.parse_args(argv)

@@ -61,5 +61,7 @@ def downsample_option(legacy_merging: bool) -> str | type[LegacyPatchMerging]:
             line arrives as the string ``"false"``; write ``False``).
     """
     if not isinstance(legacy_merging, bool):
-        raise TypeError(f"legacy_merging must be True or False, got {legacy_merging!r} ({type(legacy_merging).__name__}).")
+        raise TypeError(
+            f"legacy_merging must be True or False, got {legacy_merging!r} ({type(legacy_merging).__name__})."
+        )
     return LegacyPatchMerging if legacy_merging else "merging"

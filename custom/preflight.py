@@ -83,7 +83,10 @@ class DataCheck:
         for note in self.notes:
             logger.info(note)
         if self.problems:
-            text = f"check_data found {len(self.problems)} problem(s) in {', '.join(map(str, files))}:\n  " + "\n  ".join(self.problems)
+            text = (
+                f"check_data found {len(self.problems)} problem(s) in {', '.join(map(str, files))}:\n  "
+                + "\n  ".join(self.problems)
+            )
             logger.error(text)
             raise DataCheckError(text)
         logger.info(f"check_data: {len(cases)} cases in {', '.join(map(str, files))} look usable")
@@ -173,7 +176,9 @@ class DataCheck:
         if lab is None:
             return
         if labels.shape[:3] != data.shape[:3]:
-            self.problems.append(f"{label_path}: label shape {labels.shape} differs from image shape {data.shape} ({image_path.name})")
+            self.problems.append(
+                f"{label_path}: label shape {labels.shape} differs from image shape {data.shape} ({image_path.name})"
+            )
         diff = float(np.abs(lab.affine - img.affine).max())
         if diff > self.affine_tolerance:
             self.problems.append(

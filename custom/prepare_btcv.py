@@ -34,7 +34,9 @@ def _case_ids(folder: Path, prefix: str) -> dict[str, Path]:
     return found
 
 
-def prepare_btcv(raw_dir: str, out_dir: str, validation: tuple[str, ...] = DEFAULT_VALIDATION, copy: bool = False) -> dict:
+def prepare_btcv(
+    raw_dir: str, out_dir: str, validation: tuple[str, ...] = DEFAULT_VALIDATION, copy: bool = False
+) -> dict:
     """Build ``out_dir`` and return the datalist written to ``out_dir/dataset_0.json``.
 
     Raises:
@@ -66,7 +68,9 @@ def prepare_btcv(raw_dir: str, out_dir: str, validation: tuple[str, ...] = DEFAU
             shutil.copy2(src, dst) if copy else os.symlink(src.resolve(), dst)
         return f"{sub}/{src.name}"
 
-    entries = {cid: {"image": place(images[cid], "imagesTr"), "label": place(labels[cid], "labelsTr")} for cid in images}
+    entries = {
+        cid: {"image": place(images[cid], "imagesTr"), "label": place(labels[cid], "labelsTr")} for cid in images
+    }
     datalist = {
         "description": "BTCV abdomen (Synapse RawData), split of the Swin UNETR research code",
         "training": [entries[c] for c in sorted(entries) if c not in validation],
@@ -90,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {Path(args.out_dir) / 'dataset_0.json'}: {len(d['training'])} training, "
-          f"{len(d['validation'])} validation, {len(d['test'])} test images")
+    print(
+        f"wrote {Path(args.out_dir) / 'dataset_0.json'}: {len(d['training'])} training, "
+        f"{len(d['validation'])} validation, {len(d['test'])} test images"
+    )
     return 0
 
 

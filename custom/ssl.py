@@ -243,7 +243,10 @@ class SSLViews:
         hi = noise.flatten(1).amax(1).view(-1, *[1] * (x.ndim - 1))
         out = torch.where(mask, (noise - lo) / (hi - lo), x)  # noise scaled to 0..1 like the images
         if self.swap and x.shape[0] > 1:
-            partner = (torch.arange(x.shape[0], device=x.device) + torch.randint(1, x.shape[0], (x.shape[0],), generator=gen, device=x.device)) % x.shape[0]
+            partner = (
+                torch.arange(x.shape[0], device=x.device)
+                + torch.randint(1, x.shape[0], (x.shape[0],), generator=gen, device=x.device)
+            ) % x.shape[0]
             swap_mask = self.box_mask(x.shape, x.device, gen)
             out = torch.where(swap_mask, out[partner], out)
             mask = mask | swap_mask
@@ -305,7 +308,11 @@ class SSLLoss(nn.Module):
         global_negatives: bool = True,
     ) -> None:
         super().__init__()
-        self.weights = {"rotation": rotation_weight, "contrastive": contrastive_weight, "reconstruction": reconstruction_weight}
+        self.weights = {
+            "rotation": rotation_weight,
+            "contrastive": contrastive_weight,
+            "reconstruction": reconstruction_weight,
+        }
         self.contrastive = ContrastiveLoss(temperature=temperature)
         self.global_negatives = global_negatives
         self.terms: dict[str, torch.Tensor] = {}
@@ -319,7 +326,11 @@ class SSLLoss(nn.Module):
         world = dist.get_world_size() if self.global_negatives and dist.is_available() and dist.is_initialized() else 1
         contrastive_for_grad = contrastive + (world - 1) * (contrastive - contrastive.detach())
         reconstruction = F.l1_loss(pred["reconstruction"].float(), target["reconstruction"].float())
-        self.terms = {"rotation": rotation.detach(), "contrastive": contrastive.detach(), "reconstruction": reconstruction.detach()}
+        self.terms = {
+            "rotation": rotation.detach(),
+            "contrastive": contrastive.detach(),
+            "reconstruction": reconstruction.detach(),
+        }
         return (
             self.weights["rotation"] * rotation
             + self.weights["contrastive"] * contrastive_for_grad

@@ -35,7 +35,11 @@ class SSLBatch:
         self.image_key = image_key
 
     def __call__(
-        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image = batchdata[self.image_key]
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -91,7 +95,9 @@ class SSLEvaluator(SupervisedEvaluator):
 
     def __init__(self, *args: Any, views: SSLViews, **kwargs: Any) -> None:
         if views.seed is None:
-            raise ValueError("SSLEvaluator needs views with a fixed seed, so that every validation sees the same views.")
+            raise ValueError(
+                "SSLEvaluator needs views with a fixed seed, so that every validation sees the same views."
+            )
         kwargs.setdefault("decollate", False)
         super().__init__(*args, prepare_batch=SSLBatch(views), **kwargs)
         from ignite.engine import Events

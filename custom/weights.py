@@ -192,7 +192,9 @@ def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, stri
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, Mapping):
-        raise PretrainedWeightsError(f"{path}: expected a state_dict (or {{'state_dict': ...}}), got {type(checkpoint)}.")
+        raise PretrainedWeightsError(
+            f"{path}: expected a state_dict (or {{'state_dict': ...}}), got {type(checkpoint)}."
+        )
 
     model = _unwrap(network)
     dst = model.state_dict()
@@ -233,7 +235,12 @@ def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, stri
     _, updated, _ = copy_model_state(model, mapped, inplace=True)
     report.matched = sorted(updated)
     if report.missing or report.shape_mismatch:
-        logger.warning("%s; NOT loaded: %d missing, %d mis-shaped", report.summary(), len(report.missing), len(report.shape_mismatch))
+        logger.warning(
+            "%s; NOT loaded: %d missing, %d mis-shaped",
+            report.summary(),
+            len(report.missing),
+            len(report.shape_mismatch),
+        )
     else:
         logger.info(report.summary())
     return report

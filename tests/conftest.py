@@ -39,7 +39,9 @@ def run_bundle(
     cmd[1:1] = python_args
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env)
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -10,8 +10,11 @@ import numpy as np
 
 #: the ten official tasks as their dataset.json declares them (name, modality, labels)
 OFFICIAL = {
-    "Task01_BrainTumour": ("BRATS", {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                           {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}),
+    "Task01_BrainTumour": (
+        "BRATS",
+        {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+    ),
     "Task02_Heart": ("LeftAtrium", {"0": "MRI"}, {"0": "background", "1": "left atrium"}),
     "Task03_Liver": ("Liver", {"0": "CT"}, {"0": "background", "1": "liver", "2": "cancer"}),
     "Task04_Hippocampus": ("Hippocampus", {"0": "MRI"}, {"0": "background", "1": "Anterior", "2": "Posterior"}),

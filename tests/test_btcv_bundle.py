@@ -14,15 +14,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BTCV, REPO, SMALL, cli, run_bundle
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import SwinUNETR
 from PIL import Image
 
-from conftest import BTCV, REPO, SMALL, cli, run_bundle
-
 ORGANS = [
-    "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-    "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal gland", "left adrenal gland",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "esophagus",
+    "liver",
+    "stomach",
+    "aorta",
+    "inferior vena cava",
+    "portal and splenic veins",
+    "pancreas",
+    "right adrenal gland",
+    "left adrenal gland",
 ]
 
 
@@ -84,7 +94,9 @@ def test_string_false_is_refused(run_copy):
 
 def test_evaluate_writes_dice_by_organ_and_pictures(trained, tmp_path):
     out = tmp_path / "eval"
-    run_bundle("evaluating", ["configs/train.json", "configs/evaluate.json"], {**trained["overrides"], "output_dir": str(out)})
+    run_bundle(
+        "evaluating", ["configs/train.json", "configs/evaluate.json"], {**trained["overrides"], "output_dir": str(out)}
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["class_dice"]) == ORGANS
     assert metrics["class_dice"]["esophagus"] is None  # not in the slab: absent, not zero
@@ -107,8 +119,11 @@ def input_dir(tmp_path, sample_dir) -> Path:
 def test_inference_nifti_on_the_input_grid(trained, input_dir, tmp_path):
     before = sha256(input_dir / "slab.nii.gz")
     out = tmp_path / "seg"
-    run_bundle("inference", ["configs/inference.json"],
-               {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)})
+    run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)},
+    )
     seg, img = nib.load(out / "slab_seg.nii.gz"), nib.load(input_dir / "slab.nii.gz")
     assert seg.shape == img.shape and np.allclose(seg.affine, img.affine, atol=1e-4)
     data = np.asarray(seg.dataobj)
@@ -117,9 +132,12 @@ def test_inference_nifti_on_the_input_grid(trained, input_dir, tmp_path):
 
 
 def test_inference_refuses_output_in_input_folder(trained, input_dir):
-    proc = run_bundle("inference", ["configs/inference.json"],
-                      {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(input_dir)},
-                      check=False)
+    proc = run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(input_dir)},
+        check=False,
+    )
     assert proc.returncode != 0 and "is the input folder" in proc.stdout + proc.stderr
     assert sorted(os.listdir(input_dir)) == ["slab.nii.gz"]
 
@@ -154,8 +172,11 @@ def test_inference_dicom_series_folder(trained, tmp_path, sample_dir):
     inp = tmp_path / "dicom_in"
     write_dicom_series(sample_dir / "ct_slab.nii.gz", inp / "series1")
     out = tmp_path / "seg"
-    run_bundle("inference", ["configs/inference.json"],
-               {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(inp), "output_dir": str(out)})
+    run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(inp), "output_dir": str(out)},
+    )
     seg, ref = nib.load(out / "series1_seg.nii.gz"), nib.load(sample_dir / "ct_slab.nii.gz")
     # the series is the slab slice by slice: its label map lies on the slab's grid
     assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine, atol=1e-3)
@@ -164,10 +185,26 @@ def test_inference_dicom_series_folder(trained, tmp_path, sample_dir):
 
 def test_torchscript_export_reproduces_eager(trained, tmp_path):
     ts = tmp_path / "model.ts"
-    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-           "--ckpt_file", str(Path(trained["ckpt_dir"]) / "model.pt"), "--meta_file", "configs/metadata.json",
-           "--config_file", "configs/inference.json", "--use_trace", "True", "--input_shape", "[1,1,64,64,64]",
-           *cli({"feature_size": 12})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        str(Path(trained["ckpt_dir"]) / "model.pt"),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1,1,64,64,64]",
+        *cli({"feature_size": 12}),
+    ]
     proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     traced = torch.jit.load(str(ts))
@@ -181,8 +218,12 @@ def test_torchscript_export_reproduces_eager(trained, tmp_path):
 @pytest.mark.parametrize(("workflow_type", "configs"), [("train", ["train.json"]), ("infer", ["inference.json"])])
 def test_monai_property_check_is_empty(workflow_type, configs, monkeypatch, sample_dataset):
     monkeypatch.chdir(BTCV)
-    wf = ConfigWorkflow(config_file=[f"configs/{c}" for c in configs], workflow_type=workflow_type,
-                        dataset_dir=str(sample_dataset), input_dir=str(sample_dataset / "imagesTr"))
+    wf = ConfigWorkflow(
+        config_file=[f"configs/{c}" for c in configs],
+        workflow_type=workflow_type,
+        dataset_dir=str(sample_dataset),
+        input_dir=str(sample_dataset / "imagesTr"),
+    )
     wf.initialize()
     assert not wf.check_properties()
 
@@ -195,9 +236,13 @@ def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):
     assert not [p for p in copy.rglob("*") if p.is_symlink()]
     assert REPO not in copy.parents
     out = tmp_path / "seg"
-    proc = run_bundle("inference", ["configs/inference.json"],
-                      {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)},
-                      cwd=copy, python_args=("-X", "importtime"))
+    proc = run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)},
+        cwd=copy,
+        python_args=("-X", "importtime"),
+    )
     assert (out / "slab_seg.nii.gz").is_file()
     custom_imports = [line for line in proc.stderr.splitlines() if line.rstrip().endswith(" custom")]
     assert custom_imports, "custom was not imported"
@@ -219,27 +264,51 @@ def two_case_dataset(tmp_path_factory, sample_dataset) -> Path:
 
 
 def torchrun(run_id: str, configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", run_id, "--config_file", repr(configs), *cli(overrides)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        repr(configs),
+        *cli(overrides),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env)
+    proc = subprocess.run(
+        cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return proc
 
 
 def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp_path):
     """DDP with gloo: 2 ranks train, validation is reduced over both, only rank 0 writes."""
-    overrides = {**SMALL, "dataset_dir": str(two_case_dataset), "ckpt_dir": str(tmp_path / "models"),
-                 "output_dir": str(tmp_path / "outputs"), "max_epochs": 1, "val_interval": 1, "num_samples": 1,
-                 "use_checkpoint": False, "warmup_epochs": 0}
+    overrides = {
+        **SMALL,
+        "dataset_dir": str(two_case_dataset),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "outputs"),
+        "max_epochs": 1,
+        "val_interval": 1,
+        "num_samples": 1,
+        "use_checkpoint": False,
+        "warmup_epochs": 0,
+    }
     torchrun("training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides)
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1  # 2 cases / 2 ranks = 1 step per rank
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped, loadable anywhere
     small_net().load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
 
-    torchrun("evaluating", ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"], overrides)
+    torchrun(
+        "evaluating", ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"], overrides
+    )
     metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
     assert [c["case"] for c in metrics["cases"]] == ["img0001", "img0002"]  # gathered from both ranks
     assert metrics["cases"][0]["dice"] == metrics["cases"][1]["dice"]  # same volume, same weights

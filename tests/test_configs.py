@@ -5,17 +5,55 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import BTCV, REPO
 
 CONFIGS = sorted(REPO.glob("swin_unetr_*/configs/*.json"))
 #: values inference.json must repeat from train.json (MONAI Label and users run inference.json alone)
-SHARED_WITH_INFERENCE = ["num_classes", "pixdim", "intensity_range", "roi_size", "feature_size", "legacy_merging",
-                         "sw_batch_size", "overlap", "amp", "bundle_root", "ckpt_dir", "dataset_dir", "device"]
-CONTRACT_TRAIN_IDS = ["bundle_root", "device", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "roi_size",
-                      "feature_size", "max_epochs", "epoch_length", "batch_size", "num_samples", "learning_rate",
-                      "val_interval", "amp", "num_workers", "cache_rate", "pretrained_path"]
-CONTRACT_INFER_IDS = ["input_dir", "output_dir", "ckpt_dir", "roi_size", "feature_size", "sw_batch_size", "overlap", "amp"]
+SHARED_WITH_INFERENCE = [
+    "num_classes",
+    "pixdim",
+    "intensity_range",
+    "roi_size",
+    "feature_size",
+    "legacy_merging",
+    "sw_batch_size",
+    "overlap",
+    "amp",
+    "bundle_root",
+    "ckpt_dir",
+    "dataset_dir",
+    "device",
+]
+CONTRACT_TRAIN_IDS = [
+    "bundle_root",
+    "device",
+    "dataset_dir",
+    "datalist",
+    "output_dir",
+    "ckpt_dir",
+    "roi_size",
+    "feature_size",
+    "max_epochs",
+    "epoch_length",
+    "batch_size",
+    "num_samples",
+    "learning_rate",
+    "val_interval",
+    "amp",
+    "num_workers",
+    "cache_rate",
+    "pretrained_path",
+]
+CONTRACT_INFER_IDS = [
+    "input_dir",
+    "output_dir",
+    "ckpt_dir",
+    "roi_size",
+    "feature_size",
+    "sw_batch_size",
+    "overlap",
+    "amp",
+]
 
 
 def load(name: str, bundle=BTCV) -> dict:
@@ -25,8 +63,14 @@ def load(name: str, bundle=BTCV) -> dict:
 @pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_ssl", "swin_unetr_msd"])
 def test_every_bundle_has_the_files_the_contract_names(bundle):
     root = REPO / bundle
-    for f in ("configs/train.json", "configs/multi_gpu_train.json", "configs/metadata.json", "configs/logging.conf",
-              "docs/README.md", "LICENSE"):
+    for f in (
+        "configs/train.json",
+        "configs/multi_gpu_train.json",
+        "configs/metadata.json",
+        "configs/logging.conf",
+        "docs/README.md",
+        "LICENSE",
+    ):
         assert (root / f).is_file(), f"{bundle}/{f} missing"
     assert (root / "custom").resolve() == (REPO / "custom").resolve()
     meta = load("metadata.json", root)

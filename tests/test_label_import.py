@@ -11,7 +11,20 @@ import pytest
 from custom.label_import import TOTALSEG_V2_TO_BTCV, import_labels, load_mapping, main, remap_labels
 
 #: voxel counts per BTCV class in the sample slab, from shared/data/ct_sample/README.md
-README_COUNTS = {1: 9452, 2: 3947, 3: 3676, 4: 1333, 6: 38634, 7: 4675, 8: 997, 9: 1368, 10: 901, 11: 644, 12: 152, 13: 184}
+README_COUNTS = {
+    1: 9452,
+    2: 3947,
+    3: 3676,
+    4: 1333,
+    6: 38634,
+    7: 4675,
+    8: 997,
+    9: 1368,
+    10: 901,
+    11: 644,
+    12: 152,
+    13: 184,
+}
 
 
 def test_sample_slab_imports_to_the_readme_counts(tmp_path, sample_dir):
@@ -61,6 +74,17 @@ def test_mapping_from_json_file_and_errors(tmp_path):
 
 
 def test_cli_reports_errors_with_status(tmp_path, capsys):
-    assert main(["--src", str(tmp_path / "missing.nii.gz"), "--dst", str(tmp_path / "o.nii.gz"),
-                 "--mapping", "totalsegmentator_v2_to_btcv"]) == 1
+    assert (
+        main(
+            [
+                "--src",
+                str(tmp_path / "missing.nii.gz"),
+                "--dst",
+                str(tmp_path / "o.nii.gz"),
+                "--mapping",
+                "totalsegmentator_v2_to_btcv",
+            ]
+        )
+        == 1
+    )
     assert "missing.nii.gz" in capsys.readouterr().err

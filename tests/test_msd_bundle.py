@@ -8,18 +8,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.bundle import ConfigWorkflow
-
 from conftest import REPO, run_bundle
-from custom.msd import BRATS_REGIONS, TASK_RECIPES, TaskError, load_task, metadata_for_task, msd_datalist
+from monai.bundle import ConfigWorkflow
 from msd_tasks import OFFICIAL, make_task
+
+from custom.msd import BRATS_REGIONS, TASK_RECIPES, TaskError, load_task, metadata_for_task, msd_datalist
 
 MSD = REPO / "swin_unetr_msd"
 #: channels and classes (without background) of the ten tasks, from the issue's table
 EXPECTED = {
-    "Task01_BrainTumour": (4, 3), "Task02_Heart": (1, 1), "Task03_Liver": (1, 2), "Task04_Hippocampus": (1, 2),
-    "Task05_Prostate": (2, 2), "Task06_Lung": (1, 1), "Task07_Pancreas": (1, 2), "Task08_HepaticVessel": (1, 2),
-    "Task09_Spleen": (1, 1), "Task10_Colon": (1, 1),
+    "Task01_BrainTumour": (4, 3),
+    "Task02_Heart": (1, 1),
+    "Task03_Liver": (1, 2),
+    "Task04_Hippocampus": (1, 2),
+    "Task05_Prostate": (2, 2),
+    "Task06_Lung": (1, 1),
+    "Task07_Pancreas": (1, 2),
+    "Task08_HepaticVessel": (1, 2),
+    "Task09_Spleen": (1, 1),
+    "Task10_Colon": (1, 1),
 }
 
 
@@ -80,8 +87,15 @@ def test_images_without_the_declared_channels_fail_with_a_named_error(tmp_path):
     assert "prostate_000.nii.gz: image has 1 channel(s)" in text and "declares 2" in text
 
 
-SMALL_MSD = {"feature_size": 12, "amp": False, "num_workers": 0, "use_checkpoint": False, "sw_batch_size": 2,
-             "overlap": 0.25, "num_samples": 1}
+SMALL_MSD = {
+    "feature_size": 12,
+    "amp": False,
+    "num_workers": 0,
+    "use_checkpoint": False,
+    "sw_batch_size": 2,
+    "overlap": 0.25,
+    "num_samples": 1,
+}
 #: task -> (volume shape, voxel size, overrides of the recipe that keep the test small)
 CASES = {
     "Task09_Spleen": ((40, 40, 24), 3.0, {"roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]}),
@@ -96,9 +110,16 @@ def test_train_evaluate_infer(tmp_path, folder):
     shape, spacing, recipe_overrides = CASES[folder]
     task = make_task(tmp_path, folder, shape=shape, spacing=spacing, cases=3, tests=1)
     recipe = load_task(task)
-    args = {**SMALL_MSD, **recipe_overrides, "dataset_dir": str(task), "ckpt_dir": str(tmp_path / "models"),
-            "output_dir": str(tmp_path / "outputs")}
-    train = run_bundle("training", ["configs/train.json"], {**args, "max_epochs": 1, "epoch_length": 2, "val_interval": 1}, cwd=MSD)
+    args = {
+        **SMALL_MSD,
+        **recipe_overrides,
+        "dataset_dir": str(task),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "outputs"),
+    }
+    train = run_bundle(
+        "training", ["configs/train.json"], {**args, "max_epochs": 1, "epoch_length": 2, "val_interval": 1}, cwd=MSD
+    )
     assert "val_mean_dice" in train.stdout and (tmp_path / "models" / "model.pt").is_file()
 
     run_bundle("evaluating", ["configs/train.json", "configs/evaluate.json"], args, cwd=MSD)
@@ -108,7 +129,12 @@ def test_train_evaluate_infer(tmp_path, folder):
     assert len(metrics["cases"]) == 1  # fold 0 of 3 cases: the first one
 
     out = tmp_path / "seg"
-    run_bundle("inference", ["configs/inference.json"], {**args, "input_dir": str(task / "imagesTs"), "output_dir": str(out)}, cwd=MSD)
+    run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**args, "input_dir": str(task / "imagesTs"), "output_dir": str(out)},
+        cwd=MSD,
+    )
     [seg_file] = out.glob("*_seg.nii.gz")
     seg, img = nib.load(seg_file), nib.load(next((task / "imagesTs").glob("*.nii.gz")))
     assert seg.shape == img.shape[:3] and np.allclose(seg.affine, img.affine, atol=1e-4)  # the input's own grid

@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import SMALL, run_bundle
+
 from custom.preflight import DataCheck, DataCheckError
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BTCV, SMALL, cli, run_bundle
 
 from bundles.package import download_bundle, package_bundle, sha256, write_index
-from conftest import BTCV, SMALL, cli, run_bundle
 
 
 def test_archive_is_reproducible_and_self_contained(tmp_path):
@@ -27,7 +27,9 @@ def test_archive_is_reproducible_and_self_contained(tmp_path):
     assert all(n.startswith("swin_unetr_btcv/") for n in names)
     assert "swin_unetr_btcv/custom/weights.py" in names and "swin_unetr_btcv/configs/train.json" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/models/" in n]
-    assert all(i.date_time == (1980, 1, 1, 0, 0, 0) and not (i.external_attr >> 16) & 0o170000 == 0o120000 for i in infos)
+    assert all(
+        i.date_time == (1980, 1, 1, 0, 0, 0) and not (i.external_attr >> 16) & 0o170000 == 0o120000 for i in infos
+    )
 
 
 def test_index_and_download_refuse_a_mismatching_archive(tmp_path):
@@ -52,15 +54,34 @@ def test_downloaded_bundle_runs_inference_outside_the_repo(trained, tmp_path, sa
     shutil.copy(Path(trained["ckpt_dir"]) / "model.pt", staged / "models" / "model.pt")
     archive = package_bundle(staged, tmp_path / "dist", include=["models/model.pt"])
     target = tmp_path / "downloaded"
-    subprocess.run([sys.executable, "-m", "monai.bundle", "download", "--name", "swin_unetr_btcv", "--bundle_dir",
-                    str(target), "--url", archive.as_uri()], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "download",
+            "--name",
+            "swin_unetr_btcv",
+            "--bundle_dir",
+            str(target),
+            "--url",
+            archive.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     bundle = target / "swin_unetr_btcv"
     assert (bundle / "models" / "model.pt").is_file() and not (bundle / "custom").is_symlink()
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(sample_dir / "ct_slab.nii.gz", inp / "slab.nii.gz")
-    run_bundle("inference", ["configs/inference.json"], {**SMALL, "input_dir": str(inp), "output_dir": str(tmp_path / "seg")},
-               cwd=bundle)
+    run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**SMALL, "input_dir": str(inp), "output_dir": str(tmp_path / "seg")},
+        cwd=bundle,
+    )
     assert (tmp_path / "seg" / "slab_seg.nii.gz").is_file()
 
 
@@ -69,10 +90,28 @@ def test_onnx_export_matches_eager(trained, tmp_path):
     from monai.networks.nets import SwinUNETR
 
     out = tmp_path / "model.onnx"
-    cmd = [sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", str(out), "--ckpt_file",
-           str(Path(trained["ckpt_dir"]) / "model.pt"), "--meta_file", "configs/metadata.json", "--config_file",
-           "configs/inference.json", "--input_shape", "[1,1,64,64,64]", "--use_trace", "True",
-           "--converter_kwargs", "{'dynamo': False, 'opset_version': 17}", *cli({"feature_size": 12})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "onnx_export",
+        "network_def",
+        "--filepath",
+        str(out),
+        "--ckpt_file",
+        str(Path(trained["ckpt_dir"]) / "model.pt"),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--input_shape",
+        "[1,1,64,64,64]",
+        "--use_trace",
+        "True",
+        "--converter_kwargs",
+        "{'dynamo': False, 'opset_version': 17}",
+        *cli({"feature_size": 12}),
+    ]
     proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12).eval()

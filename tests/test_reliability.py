@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
 from ignite.engine import Engine
 
-from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
 from custom.handlers import NonFiniteLossError, StopOnNonFiniteLoss, TrainingCheckpoint
 from custom.utils import atomic_torch_save, atomic_write
 from custom.weights import load_swinvit_weights, verified_path
@@ -38,8 +38,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path):
 
 
 def test_every_torch_load_in_custom_is_weights_only():
-    calls = [(p.name, line.strip()) for p in (REPO / "custom").glob("*.py") for line in p.read_text().splitlines()
-             if "torch.load(" in line and not line.strip().startswith(("#", ">>>"))]
+    calls = [
+        (p.name, line.strip())
+        for p in (REPO / "custom").glob("*.py")
+        for line in p.read_text().splitlines()
+        if "torch.load(" in line and not line.strip().startswith(("#", ">>>"))
+    ]
     assert calls and all("weights_only=True" in line for _, line in calls), calls
 
 
@@ -108,9 +112,18 @@ def test_checksum_in_large_files_yml_is_enforced(tmp_path):
 
 
 def test_kill_9_during_training_then_the_same_command_resumes(tmp_path, sample_dataset):
-    overrides = {**SMALL, "dataset_dir": str(sample_dataset), "ckpt_dir": str(tmp_path / "models"),
-                 "output_dir": str(tmp_path / "outputs"), "max_epochs": 4, "epoch_length": 1, "val_interval": 100,
-                 "num_samples": 1, "use_checkpoint": False, "warmup_epochs": 2}
+    overrides = {
+        **SMALL,
+        "dataset_dir": str(sample_dataset),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "outputs"),
+        "max_epochs": 4,
+        "epoch_length": 1,
+        "val_interval": 100,
+        "num_samples": 1,
+        "use_checkpoint": False,
+        "warmup_epochs": 2,
+    }
     cmd = bundle_command("training", ["configs/train.json"], overrides)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     ckpt = tmp_path / "models" / "checkpoint.pt"
@@ -185,6 +198,7 @@ def test_msd_task_folder_problems_are_named_before_training(tmp_path):
     del meta["modality"]
     (task / "dataset.json").write_text(json.dumps(meta))
     renamed = task.rename(tmp_path / "Task11_Kidney")
-    proc = run_bundle("check_data", ["configs/train.json"], {"dataset_dir": str(renamed)}, cwd=REPO / "swin_unetr_msd",
-                      check=False)
+    proc = run_bundle(
+        "check_data", ["configs/train.json"], {"dataset_dir": str(renamed)}, cwd=REPO / "swin_unetr_msd", check=False
+    )
     assert proc.returncode != 0 and "Task11_Kidney/dataset.json: missing ['modality']" in proc.stdout + proc.stderr

@@ -33,7 +33,10 @@ def pred_and_target(n: int, dim: int = 8, seed: int = 0):
         "contrastive": torch.randn(2 * n, dim, generator=g),
         "reconstruction": torch.rand(2 * n, 1, 4, 4, 4, generator=g),
     }
-    target = {"rotation": torch.randint(0, 4, (2 * n,), generator=g), "reconstruction": torch.rand(2 * n, 1, 4, 4, 4, generator=g)}
+    target = {
+        "rotation": torch.randint(0, 4, (2 * n,), generator=g),
+        "reconstruction": torch.rand(2 * n, 1, 4, 4, 4, generator=g),
+    }
     return pred, target
 
 
@@ -115,9 +118,7 @@ def test_views_are_deterministic_under_a_seed():
     assert torch.equal(a(x)["view2"], va["view2"])
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"rotation_dims": (0, 0)}, {"max_masked_fraction": 1.5}, {"box_size": (0.3, 0.1)}]
-)
+@pytest.mark.parametrize("kwargs", [{"rotation_dims": (0, 0)}, {"max_masked_fraction": 1.5}, {"box_size": (0.3, 0.1)}])
 def test_views_reject_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         SSLViews(**kwargs)
@@ -143,8 +144,13 @@ def test_export_loads_into_swinunetr_and_back_into_the_ssl_model(tmp_path):
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
     report = load_swinvit_weights(net, tmp_path / "model_swinvit.pt")
     assert len(report.matched) == 126 and not report.missing
-    assert all(k.startswith(("module.rotation_head", "module.contrastive_head", "module.reconstruction_head")) for k in report.ignored)
-    assert torch.equal(net.swinViT.layers4[0].blocks[1].mlp.linear2.weight, model.swinViT.layers4[0].blocks[1].mlp.linear2.weight)
+    assert all(
+        k.startswith(("module.rotation_head", "module.contrastive_head", "module.reconstruction_head"))
+        for k in report.ignored
+    )
+    assert torch.equal(
+        net.swinViT.layers4[0].blocks[1].mlp.linear2.weight, model.swinViT.layers4[0].blocks[1].mlp.linear2.weight
+    )
     again = SSLHead(feature_size=12)
     again.load_state_dict(released_to_ssl_state(torch.load(tmp_path / "model_swinvit.pt", weights_only=True)))  # strict
     assert torch.equal(again.rotation_head.weight, model.rotation_head.weight)

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import BTCV, REPO, run_bundle
 from monai.bundle import ConfigParser
 
-from conftest import BTCV, REPO, run_bundle
 from custom.ssl import SSLHead, released_to_ssl_state
 
 SSL = REPO / "swin_unetr_ssl"
@@ -61,8 +61,12 @@ def test_pretraining_logs_each_loss_and_writes_checkpoint_and_encoder(pretrained
 def test_resume_continues_pretraining(pretrained, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(pretrained["work"] / "models", models)
-    proc = run_bundle("training", ["configs/train.json"], {**pretrained["overrides"], "ckpt_dir": str(models),
-                      "output_dir": str(tmp_path / "out"), "max_epochs": 3}, cwd=SSL)
+    proc = run_bundle(
+        "training",
+        ["configs/train.json"],
+        {**pretrained["overrides"], "ckpt_dir": str(models), "output_dir": str(tmp_path / "out"), "max_epochs": 3},
+        cwd=SSL,
+    )
     assert "resumed from" in proc.stdout and "epoch 2, iteration 2" in proc.stdout
     state = torch.load(models / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
@@ -72,20 +76,30 @@ def test_encoder_hands_over_to_btcv_with_every_tensor_matched(pretrained, caplog
     encoder = pretrained["work"] / "models" / "model_swinvit.pt"
     parser = ConfigParser()
     parser.read_config(str(BTCV / "configs" / "train.json"))
-    parser.update({"feature_size": 12, "use_checkpoint": False, "pretrained_path": str(encoder),
-                   "device": "$torch.device('cpu')"})
+    parser.update(
+        {"feature_size": 12, "use_checkpoint": False, "pretrained_path": str(encoder), "device": "$torch.device('cpu')"}
+    )
     with caplog.at_level("INFO", logger="custom.weights"):
         net = parser.get_parsed_content("network")
     assert "matched 126 of 126 encoder tensors" in caplog.text
     ssl = released_to_ssl_state(torch.load(encoder, weights_only=True))
-    assert torch.equal(net.swinViT.layers2[0].blocks[0].attn.qkv.weight, ssl["swinViT.layers2.0.blocks.0.attn.qkv.weight"])
+    assert torch.equal(
+        net.swinViT.layers2[0].blocks[0].attn.qkv.weight, ssl["swinViT.layers2.0.blocks.0.attn.qkv.weight"]
+    )
 
 
 def test_check_data_names_a_missing_volume(tmp_path, sample_dataset):
     datalist = tmp_path / "ssl.json"
-    datalist.write_text(json.dumps({"training": [{"image": "imagesTs/ct_full.nii.gz"}, {"image": "imagesTs/gone.nii.gz"}]}))
-    proc = run_bundle("check_data", ["configs/train.json"], {"dataset_dir": str(sample_dataset),
-                      "datalist": [str(datalist)]}, cwd=SSL, check=False)
+    datalist.write_text(
+        json.dumps({"training": [{"image": "imagesTs/ct_full.nii.gz"}, {"image": "imagesTs/gone.nii.gz"}]})
+    )
+    proc = run_bundle(
+        "check_data",
+        ["configs/train.json"],
+        {"dataset_dir": str(sample_dataset), "datalist": [str(datalist)]},
+        cwd=SSL,
+        check=False,
+    )
     assert proc.returncode != 0 and "gone.nii.gz: image file not found" in proc.stdout + proc.stderr
 
 
@@ -97,11 +111,30 @@ def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
 
     from conftest import cli
 
-    overrides = {**SMALL_SSL, "dataset_dir": str(sample_dataset), "datalist": [str(sample_dataset / "ssl_dataset.json")],
-                 "cache_dir": str(tmp_path / "cache"), "ckpt_dir": str(tmp_path / "models"),
-                 "output_dir": str(tmp_path / "outputs"), "max_epochs": 1, "epoch_length": 1}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "training", "--config_file", repr(["configs/train.json", "configs/multi_gpu_train.json"]), *cli(overrides)]
+    overrides = {
+        **SMALL_SSL,
+        "dataset_dir": str(sample_dataset),
+        "datalist": [str(sample_dataset / "ssl_dataset.json")],
+        "cache_dir": str(tmp_path / "cache"),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "outputs"),
+        "max_epochs": 1,
+        "epoch_length": 1,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        repr(["configs/train.json", "configs/multi_gpu_train.json"]),
+        *cli(overrides),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run(cmd, cwd=SSL, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
@@ -117,7 +150,14 @@ def test_monai_property_check_is_empty(pretrained, monkeypatch):
 
     monkeypatch.chdir(SSL)
     o = pretrained["overrides"]
-    wf = ConfigWorkflow(config_file="configs/train.json", workflow_type="train", dataset_dir=o["dataset_dir"],
-                        datalist=o["datalist"], cache_dir=o["cache_dir"], roi_size=o["roi_size"], batch_size=1)
+    wf = ConfigWorkflow(
+        config_file="configs/train.json",
+        workflow_type="train",
+        dataset_dir=o["dataset_dir"],
+        datalist=o["datalist"],
+        cache_dir=o["cache_dir"],
+        roi_size=o["roi_size"],
+        batch_size=1,
+    )
     wf.initialize()
     assert not wf.check_properties()

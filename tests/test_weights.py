@@ -6,19 +6,37 @@ import logging
 
 import pytest
 import torch
+from conftest import BTCV
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
-from conftest import BTCV
 from custom.weights import PretrainedWeightsError, load_swinvit_weights, validate_optional_path
 
 BLOCK_TENSORS = [
-    "norm1.weight", "norm1.bias", "attn.relative_position_bias_table", "attn.relative_position_index",
-    "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "attn.relative_position_bias_table",
+    "attn.relative_position_index",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
 ]
-EXTRAS = ["module.norm.weight", "module.norm.bias", "module.rotation_head.weight", "module.rotation_head.bias",
-          "module.contrastive_head.weight", "module.contrastive_head.bias", "module.conv.0.weight"]
+EXTRAS = [
+    "module.norm.weight",
+    "module.norm.bias",
+    "module.rotation_head.weight",
+    "module.rotation_head.bias",
+    "module.contrastive_head.weight",
+    "module.contrastive_head.bias",
+    "module.conv.0.weight",
+]
 
 
 def released_layout_keys() -> list[str]:
@@ -37,7 +55,7 @@ def make_released_file(path, feature_size=12, drop=()):
     torch.manual_seed(1)
     state = {}
     for key in released_layout_keys():
-        monai_name = key[len("module."):].replace("mlp.fc1", "mlp.linear1").replace("mlp.fc2", "mlp.linear2")
+        monai_name = key[len("module.") :].replace("mlp.fc1", "mlp.linear1").replace("mlp.fc2", "mlp.linear2")
         t = ref[monai_name]
         state[key] = t.clone() if t.dtype == torch.long else torch.randn_like(t)
     for key in EXTRAS:
@@ -62,7 +80,9 @@ def test_all_encoder_tensors_matched_extras_ignored(tmp_path, caplog):
     assert sorted(report.ignored) == sorted(EXTRAS)
     assert "matched 126 of 126 encoder tensors; ignored 7" in caplog.text
     loaded = net.swinViT.state_dict()
-    assert torch.equal(loaded["layers3.0.blocks.1.mlp.linear1.weight"], state["module.layers3.0.blocks.1.mlp.fc1.weight"])
+    assert torch.equal(
+        loaded["layers3.0.blocks.1.mlp.linear1.weight"], state["module.layers3.0.blocks.1.mlp.fc1.weight"]
+    )
     assert torch.equal(loaded["patch_embed.proj.weight"], state["module.patch_embed.proj.weight"])
     assert torch.equal(net.out.conv.conv.weight, decoder_before)  # decoder untouched
 
@@ -71,7 +91,9 @@ def test_missing_tensor_fails_loudly(tmp_path):
     make_released_file(tmp_path / "w.pt", drop=["module.layers2.0.blocks.1.mlp.fc2.weight"])
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
     before = net.swinViT.patch_embed.proj.weight.clone()
-    with pytest.raises(PretrainedWeightsError, match=r"matched 125 of 126.*layers2\.0\.blocks\.1\.mlp\.linear2\.weight"):
+    with pytest.raises(
+        PretrainedWeightsError, match=r"matched 125 of 126.*layers2\.0\.blocks\.1\.mlp\.linear2\.weight"
+    ):
         load_swinvit_weights(net, tmp_path / "w.pt")
     assert torch.equal(net.swinViT.patch_embed.proj.weight, before)  # nothing half-loaded
 
@@ -106,10 +128,18 @@ def test_train_config_network_loads_pretrained_path(tmp_path):
     state = make_released_file(tmp_path / "model_swinvit.pt")
     parser = ConfigParser()
     parser.read_config(str(BTCV / "configs" / "train.json"))
-    parser.update({"feature_size": 12, "use_checkpoint": False, "pretrained_path": str(tmp_path / "model_swinvit.pt"),
-                   "device": "$torch.device('cpu')"})
+    parser.update(
+        {
+            "feature_size": 12,
+            "use_checkpoint": False,
+            "pretrained_path": str(tmp_path / "model_swinvit.pt"),
+            "device": "$torch.device('cpu')",
+        }
+    )
     net = parser.get_parsed_content("network")
-    assert torch.equal(net.swinViT.layers1[0].blocks[0].attn.qkv.weight, state["module.layers1.0.blocks.0.attn.qkv.weight"])
+    assert torch.equal(
+        net.swinViT.layers1[0].blocks[0].attn.qkv.weight, state["module.layers1.0.blocks.0.attn.qkv.weight"]
+    )
     parser.update({"pretrained_path": str(tmp_path / "absent.pt")})
     with pytest.raises(Exception) as err:  # MONAI wraps it: "Failed to instantiate component ..."
         parser.get_parsed_content("network", lazy=False)
