@@ -8,14 +8,19 @@ those weights with the new order starts from a scrambled downsampling. :class:`L
 restores the old order; pass it as ``SwinUNETR(downsample=LegacyPatchMerging)`` (the bundles expose
 it as ``legacy_merging``). For weights produced by this collection's own SSL bundle, keep MONAI's
 default.
+
+:class:`SDPAWindowAttention` and :func:`speed_options` are the speed levers the bundles' configs
+switch on (figures in ``docs/benchmarks.md``): MONAI's ``use_flash_attention`` only applies when
+autograd is off, so training still materialises every ``(windows x heads x 343 x 343)`` attention
+matrix; the SDPA variant keeps the same parameters and computes the same function in training too.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.networks.nets.swin_unetr import PatchMergingV2
+from monai.networks.nets.swin_unetr import PatchMergingV2, WindowAttention
 
-__all__ = ["LEGACY_MERGING_OFFSETS", "LegacyPatchMerging", "downsample_option"]
+__all__ = ["LEGACY_MERGING_OFFSETS", "LegacyPatchMerging", "SDPAWindowAttention", "downsample_option", "speed_options"]
 
 #: (d, h, w) start offsets of the eight strided sub-samples, in the pre-1.5 order. The sixth and
 #: seventh repeat the third and fourth: that is what the released weights were trained with.
@@ -65,3 +70,65 @@ def downsample_option(legacy_merging: bool) -> str | type[LegacyPatchMerging]:
             f"legacy_merging must be True or False, got {legacy_merging!r} ({type(legacy_merging).__name__})."
         )
     return LegacyPatchMerging if legacy_merging else "merging"
+
+
+class SDPAWindowAttention(WindowAttention):
+    """MONAI's Swin window attention through ``scaled_dot_product_attention``, in training as well.
+
+    Same parameters and state_dict keys as :class:`monai.networks.nets.swin_unetr.WindowAttention`,
+    same function (tested against it, outputs and gradients). The windows of each image are folded
+    into the head dimension, ``(B * nW, heads, n, d) -> (B, nW * heads, n, d)`` (a view), so the
+    additive bias (relative position bias plus the shifted-window mask) is built once per call at
+    ``(nW * heads, n, n)`` and broadcast over the batch instead of being expanded per image. On a
+    GPU the memory-efficient kernel then never stores the attention matrix, and gets the bias
+    gradient without it.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = x.shape
+        heads = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        index = self.relative_position_index.clone()[:n, :n].reshape(-1)  # type: ignore[operator]
+        bias = self.relative_position_bias_table[index].reshape(n, n, heads).permute(2, 0, 1)  # (heads, n, n)
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).reshape(1, nw * heads, n, n)
+            q, k, v = (t.reshape(b // nw, nw * heads, n, -1) for t in (q, k, v))
+        else:
+            bias = bias.unsqueeze(0)
+        x = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+        )
+        x = x.reshape(b, heads, n, -1).transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+def speed_options(
+    network: torch.nn.Module, sdpa_attention: bool = False, channels_last: bool = False
+) -> torch.nn.Module:
+    """Switch a Swin UNETR (or any module holding MONAI ``WindowAttention``) to the faster kernels.
+
+    Args:
+        network: the network, modified in place and returned (weights untouched).
+        sdpa_attention: swap every ``WindowAttention`` for :class:`SDPAWindowAttention`.
+        channels_last: store conv weights as ``torch.channels_last_3d``; cuDNN then runs its NDHWC
+            kernels, and the Swin stages' own ``(B, D, H, W, C)`` layout needs no transpose copy.
+
+    Example:
+        >>> from monai.networks.nets import SwinUNETR
+        >>> net = speed_options(SwinUNETR(1, 2, feature_size=12), sdpa_attention=True)
+        >>> type(net.swinViT.layers1[0].blocks[0].attn).__name__
+        'SDPAWindowAttention'
+    """
+    for name in ("sdpa_attention", "channels_last"):
+        value = locals()[name]
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    if sdpa_attention:
+        for module in network.modules():
+            if type(module) is WindowAttention:
+                # a class swap keeps the module's parameters, buffers, hooks and device as they are
+                module.__class__ = SDPAWindowAttention
+    if channels_last:
+        network.to(memory_format=torch.channels_last_3d)
+    return network
