@@ -96,6 +96,28 @@ def test_masked_fraction_within_bounds_and_view_agrees_outside_the_mask():
         assert view[mask].min() >= 0 and view[mask].max() <= 1
 
 
+def test_box_rasterisers_agree():
+    # the GPU's difference array and the CPU's slice assignments paint the same boxes
+    views = SSLViews(seed=3)
+    shape = (6, 1, 40, 33, 27)  # odd, unequal sizes: boxes touch every border
+    boxes = views.draw_boxes(shape, torch.device("cpu"), views.generator(torch.device("cpu")))
+    assert boxes[2].any(1).all()  # every sample keeps at least one box
+    slices = SSLViews.rasterise(shape, *boxes, method="slices")
+    assert torch.equal(SSLViews.rasterise(shape, *boxes, method="difference"), slices)
+    assert slices.any() and not slices.all()
+
+
+def test_noise_fill_is_min_max_normalised_on_the_masked_voxels():
+    x = torch.full((2, 1, 16, 16, 16), 5.0)
+    mask = torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool)
+    mask[0, :, :4], mask[1, :, 8:] = True, True
+    out = SSLViews.noise_fill(x, mask, torch.Generator().manual_seed(0))
+    assert torch.equal(out[~mask], x[~mask])
+    for b in range(2):
+        noise = out[b][mask[b]]
+        assert noise.min() == 0 and noise.max() == 1 and 0.3 < noise.mean() < 0.7
+
+
 def test_swapped_boxes_come_from_another_sample():
     x = torch.stack([torch.full((1, 32, 32, 32), float(v)) for v in (0.0, 1.0)])
     # the same seed without swapping gives the noise-corrupted views before the swap
