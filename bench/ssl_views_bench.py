@@ -2,7 +2,7 @@
 
     python bench/ssl_views_bench.py [--device cuda] [--batch 8] [--size 96] [--repeats 20] [--out file.json]
 
-The baseline is written here in the style of the paper's research code (our own code, same recipe):
+The baseline (``bench/research_views.py``) is written in the style of the paper's research code (our own code, same recipe):
 for each sample, a Python loop draws a rotation and rotates it, then draws boxes one at a time with
 Python's random module until their summed volume reaches U(0, 0.3) of the crop, filling each with
 min-max normalised Gaussian noise created on the device, then does the same for boxes swapped in from
@@ -24,51 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.research_views import loop_views  # noqa: E402
 from custom.ssl import SSLViews  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def loop_views(x: torch.Tensor, max_fraction: float = 0.3, box=(0.05, 0.25)) -> dict[str, torch.Tensor]:
-    """Per-sample baseline: Python loops, one box at a time, host round trips."""
-
-    def drop(sample: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-        _, h, w, d = sample.shape
-        target = random.uniform(0, max_fraction) * h * w * d
-        covered = 0
-        while covered < target:
-            sizes = [random.randint(max(1, int(box[0] * s)), max(1, int(box[1] * s))) for s in (h, w, d)]
-            starts = [random.randint(0, s - z) for s, z in zip((h, w, d), sizes)]
-            region = tuple(slice(a, a + z) for a, z in zip(starts, sizes))
-            if source is None:
-                noise = torch.randn((sample.shape[0], *sizes), device=sample.device)
-                noise = (noise - noise.min()) / (noise.max() - noise.min())
-                sample[(slice(None), *region)] = noise
-            else:
-                sample[(slice(None), *region)] = source[(slice(None), *region)]
-            covered += int(torch.tensor(sizes).prod().item())  # host round trip, as per-box bookkeeping does
-        return sample
-
-    out = {}
-    for v in (1, 2):
-        rotated, labels = [], []
-        for i in range(x.shape[0]):
-            k = random.randint(0, 3)
-            rotated.append(torch.rot90(x[i], k, dims=(2, 3)))
-            labels.append(k)
-        target = torch.stack(rotated)
-        view = target.clone()
-        for i in range(x.shape[0]):
-            view[i] = drop(view[i], None)
-            j = random.randint(0, x.shape[0] - 1)
-            if j != i:
-                view[i] = drop(view[i], view[j])
-        out[f"view{v}"], out[f"target{v}"] = view, target
-        out[f"rotation{v}"] = torch.tensor(labels, device=x.device)
-    return out
 
 
 def time_it(fn, x: torch.Tensor, repeats: int) -> list[float]:

@@ -1,0 +1,449 @@
+"""This collection's defaults against the model zoo's recipe, measured side by side in one run.
+
+    python bench/compare.py --size small            # this CPU: feature_size 12, 64^3 crops
+    python bench/compare.py --size full             # a GPU: feature_size 48, 96^3 crops
+    python bench/compare.py --report                # rewrite docs/benchmarks.md from bench/results/
+
+Each measurement runs the bundles' own configs in a fresh process (``monai.bundle.ConfigWorkflow``,
+what ``python -m monai.bundle run`` runs), the baseline being the same config with one override file
+of ``bench/zoo_recipe/`` merged over it, so network, loss and deterministic preprocessing are equal:
+
+1. fine-tuning (``swin_unetr_btcv/configs/train.json``, baseline ``zoo_recipe/train.json``): training
+   crops per second in steady state, data loading included (the time between the first and the last
+   timed iteration, after warm-up steps); peak memory;
+2. inference (``configs/inference.json``, baseline ``zoo_recipe/inference.json``): seconds per volume
+   end to end (load, resample, sliding window, invert, save) on copies of ``ct_full.nii.gz`` (about
+   244 x 202 x 168 at the full size's 1.5 x 1.5 x 2 mm), median after the first volume, both
+   with the same weights (those of this run's fine-tuning), and the voxel agreement of the two label maps;
+3. SSL pre-training (``swin_unetr_ssl/configs/train.json``, baseline ``zoo_recipe/ssl_train.json``:
+   views made with per-sample loops and host round trips, ``bench/research_views.py``): steps per second.
+
+Peak memory is the GPU's (``max_memory_allocated``) on a GPU, else the resident set (RSS) of the
+process and of its largest DataLoader worker. The runs alternate baseline and ours ``--repeats``
+times; the table gives medians and the ratio ours / baseline. Training on ct_full uses a label made
+from HU thresholds (timing only: the crop sampler needs foreground, not anatomy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "bench" / "results"
+DOC = REPO / "docs" / "benchmarks.md"
+ZOO = REPO / "bench" / "zoo_recipe"
+BUNDLES = {"btcv": REPO / "swin_unetr_btcv", "ssl": REPO / "swin_unetr_ssl"}
+SIZES = {
+    # this CPU: the sample's own 3 mm grid (122 x 101 x 112 for ct_full); at the BTCV spacing one
+    # inference volume alone takes about 5 minutes on two cores
+    "small": {"feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]},
+    "full": {"feature_size": 48, "roi_size": [96, 96, 96], "pixdim": [1.5, 1.5, 2.0]},
+}
+#: FLOPs of one 96^3 crop through Swin UNETR f48, forward plus backward (FACTS.md), and H100 bf16 dense peak
+FLOP_PER_CROP_F48_96 = 1.909e12
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+# --------------------------------------------------------------------------------------------- child side
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_memory() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"peak_rss_gib": round(own, 2), "peak_worker_rss_gib": round(workers, 2)}
+
+
+def _workflow(bundle: str, config: str, baseline_file: str | None, workflow_type: str, overrides: dict):
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(BUNDLES[bundle] / "configs" / config)] + ([str(ZOO / baseline_file)] if baseline_file else [])
+    wf = ConfigWorkflow(config_file=files, workflow_type=workflow_type, bundle_root=str(BUNDLES[bundle]), **overrides)
+    wf.initialize()
+    return wf
+
+
+def child_train(args: argparse.Namespace) -> dict:
+    """One training run; crops/s over the steps after ``--warmup``."""
+    import torch
+    from ignite.engine import Events
+
+    bundle = "ssl" if args.part == "ssl" else "btcv"
+    baseline = {"btcv": "train.json", "ssl": "ssl_train.json"}[bundle] if args.pipeline == "baseline" else None
+    overrides = json.loads(args.overrides)
+    overrides.update(max_epochs=1, epoch_length=args.warmup + args.steps, val_interval=10**6, resume=False)
+    wf = _workflow(bundle, "train.json", baseline, "train", overrides)
+    if bundle == "ssl":
+        wf.parser.get_parsed_content("prepare_corpus")()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    stamps: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: (_sync(), stamps.append(time.perf_counter())))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    wf.run()
+    crops = wf.parser.get_parsed_content("batch_size") * wf.parser.get_parsed_content("num_samples")
+    timed = stamps[args.warmup - 1 :]  # interval from the last warm-up step to the last step
+    seconds = timed[-1] - timed[0]
+    result = {
+        "crops_per_step": crops,
+        "steps_timed": len(timed) - 1,
+        "seconds_per_step": round(seconds / (len(timed) - 1), 4),
+        "crops_per_second": round(crops * (len(timed) - 1) / seconds, 3),
+        "startup_seconds": round(stamps[0] - start, 1),
+        **_peak_memory(),
+    }
+    if args.state_out:
+        net = wf.parser.get_parsed_content("network")
+        torch.save({k: v.contiguous() for k, v in net.state_dict().items()}, args.state_out)
+    return result
+
+
+def child_infer(args: argparse.Namespace) -> dict:
+    """Inference over the copies in ``input_dir``: seconds per volume, first one reported apart."""
+    import torch
+    from ignite.engine import Events
+
+    overrides = json.loads(args.overrides)
+    baseline = "inference.json" if args.pipeline == "baseline" else None
+    wf = _workflow("btcv", "inference.json", baseline, "infer", overrides)
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    stamps: list[float] = []
+    stamp = lambda _: (_sync(), stamps.append(time.perf_counter()))  # noqa: E731
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, stamp)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    stamps.append(time.perf_counter())
+    wf.run()
+    per_volume = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=False)]
+    return {
+        "first_volume_seconds": round(per_volume[0], 3),
+        "seconds_per_volume": round(statistics.median(per_volume[1:]), 3),
+        "volumes_timed": len(per_volume) - 1,
+        **_peak_memory(),
+    }
+
+
+# -------------------------------------------------------------------------------------------- parent side
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def make_data(work: Path, sample_dir: Path, copies: int) -> dict:
+    """ct_full with a HU-threshold label (4 training entries), the SSL sample lists, inference copies."""
+    import nibabel as nib
+    import numpy as np
+
+    from bundles.sample_data import prepare_sample_dataset
+
+    ct = sample_dir / "ct_full.nii.gz"
+    img = nib.load(str(ct))
+    hu = np.asarray(img.dataobj)
+    label = np.zeros(hu.shape, np.uint8)
+    label[(hu > 20) & (hu < 90)] = 6  # soft tissue, "liver"-like
+    label[hu > 300] = 1  # bone: a second foreground class
+    data = work / "data"
+    (data / "labelsTr").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(label, img.affine), str(data / "labelsTr" / "ct_full_label.nii.gz"))
+    case = {"image": str(ct.resolve()), "label": str(data / "labelsTr" / "ct_full_label.nii.gz")}
+    datalist = {"training": [case] * 4, "validation": [case]}
+    (data / "bench_dataset.json").write_text(json.dumps(datalist, indent=4))
+    prepare_sample_dataset(data, sample_dir)  # the BTCV-layout sample: its slab validates SSL
+    infer_in = work / "infer_in"
+    infer_in.mkdir()
+    for i in range(copies + 1):
+        shutil.copy(ct, infer_in / f"ct_full_{i}.nii.gz")
+    # SSL: 4 volumes (batch 2 drops an incomplete last batch), the slab for validation
+    (data / "ssl").mkdir()
+    for i in range(4):
+        os.symlink(ct.resolve(), data / "ssl" / f"ct_full_{i}.nii.gz")
+    ssl = {
+        "training": [{"image": f"ssl/ct_full_{i}.nii.gz"} for i in range(4)],
+        "validation": [{"image": "imagesTr/img0001.nii.gz"}],
+    }
+    (data / "bench_ssl.json").write_text(json.dumps(ssl, indent=4))
+    return {"data": data, "infer_in": infer_in}
+
+
+def run_child(
+    mode: str, part: str, pipeline: str, overrides: dict, args: argparse.Namespace, state_out: str = ""
+) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--part", part, "--pipeline", pipeline]
+    cmd += ["--overrides", json.dumps(overrides), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if state_out:
+        cmd += ["--state_out", state_out]
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=pythonpath)
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise ChildFailed(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    print(f"  {part:<5} {pipeline:<8} {json.dumps(result)}", flush=True)
+    return result
+
+
+class ChildFailed(RuntimeError):
+    """A measurement's process failed; its part of the result records the error."""
+
+
+def agreement(a: Path, b: Path) -> float:
+    import nibabel as nib
+    import numpy as np
+
+    x, y = (np.asarray(nib.load(str(p)).dataobj) for p in (a, b))
+    if x.shape != y.shape:
+        raise SystemExit(f"label maps differ in shape: {a} {x.shape}, {b} {y.shape}")
+    return float((x == y).mean())
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 4)
+
+
+def benchmark(args: argparse.Namespace, out: Path) -> dict:
+    """Run the parts; ``out`` is rewritten after each, so a run cut short keeps what it measured."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    size = SIZES[args.size]
+    work = Path(tempfile.mkdtemp(prefix="swin_bench_"))
+    paths = make_data(work, Path(args.sample_dir), args.copies)
+    common = {**size, "amp": gpu, "preflight": False}
+    result: dict = {
+        "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "device": _device_name(),
+        "versions": _versions(),
+        "size": {"name": args.size, **size},
+        "repeats": args.repeats,
+    }
+    parts = args.parts.split(",")
+    state = work / "ours_model.pt"
+    if "train" in parts or "infer" in parts:
+        try:
+            runs: dict[str, list] = {"baseline": [], "ours": []}
+            for r in range(args.repeats):
+                for pipeline in ("baseline", "ours"):
+                    run_dir = work / f"train_{pipeline}_{r}"
+                    ov = {
+                        **common,
+                        "dataset_dir": str(paths["data"]),
+                        "datalist": str(paths["data"] / "bench_dataset.json"),
+                        "ckpt_dir": str(run_dir / "models"),
+                        "output_dir": str(run_dir / "outputs"),
+                        "num_workers": 4 if pipeline == "baseline" else min(4, os.cpu_count() or 1),
+                    }
+                    runs[pipeline].append(
+                        run_child(
+                            "train", "train", pipeline, ov, args, str(state) if pipeline == "ours" and r == 0 else ""
+                        )
+                    )
+            result["train"] = _summary(runs, "crops_per_second")
+            peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device"]), None)
+            if peak and args.size == "full":  # pipeline rate, data loading included
+                rate = result["train"]["ours"]["crops_per_second"]
+                result["train"]["model_flop_utilisation"] = round(rate * FLOP_PER_CROP_F48_96 / peak, 4)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        except ChildFailed as e:  # keep measuring the other parts
+            result["train"] = {"error": str(e)[-2000:]}
+            print(f"train failed:\n{e}", flush=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    if "infer" in parts and "error" not in result.get("train", {}):
+        try:
+            ckpt = work / "infer_models"
+            ckpt.mkdir()
+            shutil.copy(state, ckpt / "model.pt")
+            runs = {"baseline": [], "ours": []}
+            for r in range(args.repeats):
+                for pipeline in ("baseline", "ours"):
+                    ov = {
+                        **common,
+                        "ckpt_dir": str(ckpt),
+                        "input_dir": str(paths["infer_in"]),
+                        "output_dir": str(work / f"segs_{pipeline}_{r}"),
+                    }
+                    runs[pipeline].append(run_child("infer", "infer", pipeline, ov, args))
+            result["infer"] = _summary(runs, "seconds_per_volume", higher_is_better=False)
+            seg = "ct_full_0_seg.nii.gz"
+            result["infer"]["label_agreement"] = round(
+                agreement(work / "segs_baseline_0" / seg, work / "segs_ours_0" / seg), 5
+            )
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        except ChildFailed as e:  # keep measuring the other parts
+            result["infer"] = {"error": str(e)[-2000:]}
+            print(f"infer failed:\n{e}", flush=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    if "ssl" in parts:
+        try:
+            runs = {"baseline": [], "ours": []}
+            for r in range(args.repeats):
+                for pipeline in ("baseline", "ours"):
+                    run_dir = work / f"ssl_{pipeline}_{r}"
+                    ov = {
+                        **common,
+                        "dataset_dir": str(paths["data"]),
+                        "datalist": [str(paths["data"] / "bench_ssl.json")],
+                        "cache_dir": str(work / "ssl_cache"),
+                        "ckpt_dir": str(run_dir / "models"),
+                        "output_dir": str(run_dir / "outputs"),
+                        "num_workers": min(4, os.cpu_count() or 1),
+                        "warmup_steps": 2,
+                    }
+                    runs[pipeline].append(run_child("train", "ssl", pipeline, ov, args))
+            result["ssl"] = _summary(runs, "crops_per_second")
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        except ChildFailed as e:  # keep measuring the other parts
+            result["ssl"] = {"error": str(e)[-2000:]}
+            print(f"ssl failed:\n{e}", flush=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _summary(runs: dict[str, list], key: str, higher_is_better: bool = True) -> dict:
+    out = {}
+    for pipeline, rs in runs.items():
+        keys = [k for k in rs[0] if isinstance(rs[0][k], (int, float))]
+        out[pipeline] = {k: _median(rs, k) for k in keys}
+        out[pipeline]["all_" + key] = [r[key] for r in rs]
+    b, o = out["baseline"][key], out["ours"][key]
+    out["ratio"] = round(o / b if higher_is_better else b / o, 2)
+    return out
+
+
+def _versions() -> dict:
+    import monai
+    import numpy
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _mem(d: dict) -> str:
+    if "peak_gpu_memory_gib" in d:
+        return f"{d['peak_gpu_memory_gib']} GiB GPU"
+    return f"{d['peak_rss_gib']} GiB RSS (+ worker {d['peak_worker_rss_gib']})"
+
+
+def markdown(result: dict) -> str:
+    s = result["size"]
+    rows = [
+        f"### {result['device']}, {s['name']} size (feature_size {s['feature_size']}, {s['roi_size'][0]}^3 crops, "
+        f"{' x '.join(str(p) for p in s['pixdim'])} mm), "
+        f"{result['date']}",
+        "",
+        f"`{result['command']}`; torch {result['versions']['torch']}, MONAI {result['versions']['monai']}, "
+        f"medians of {result['repeats']} alternating runs each.",
+        "",
+        "| measure | zoo recipe | ours | ratio (ours / zoo) |",
+        "|---|---|---|---|",
+    ]
+    if "train" in result:
+        t = result["train"]
+        rows.append(
+            f"| fine-tuning, crops/s | {t['baseline']['crops_per_second']} | {t['ours']['crops_per_second']} "
+            f"| **{t['ratio']}** |"
+        )
+        rows.append(f"| fine-tuning, peak memory | {_mem(t['baseline'])} | {_mem(t['ours'])} | |")
+        if "model_flop_utilisation" in t:
+            rows.append(f"| fine-tuning, model FLOP utilisation | | {t['model_flop_utilisation']:.1%} | |")
+    if "infer" in result:
+        i = result["infer"]
+        rows.append(
+            f"| inference, s/volume | {i['baseline']['seconds_per_volume']} | {i['ours']['seconds_per_volume']} "
+            f"| **{i['ratio']}** |"
+        )
+        rows.append(f"| inference, peak memory | {_mem(i['baseline'])} | {_mem(i['ours'])} | |")
+        rows.append(f"| inference, voxels with the same label | | {i['label_agreement']:.2%} | |")
+    if "ssl" in result:
+        t = result["ssl"]
+        rows.append(
+            f"| SSL pre-training, crops/s | {t['baseline']['crops_per_second']} | {t['ours']['crops_per_second']} "
+            f"| **{t['ratio']}** |"
+        )
+        rows.append(f"| SSL pre-training, peak memory | {_mem(t['baseline'])} | {_mem(t['ours'])} | |")
+    return "\n".join(rows) + "\n"
+
+
+def write_report() -> Path:
+    files = sorted(RESULTS.glob("compare_*.json"))
+    intro = (
+        DOC.read_text().split("<!-- results -->")[0] if DOC.is_file() else "# Benchmarks\n\n"
+    ) + "<!-- results -->\n"
+    body = "\n".join(markdown(json.loads(f.read_text())) + f"\nRaw figures: `bench/results/{f.name}`.\n" for f in files)
+    DOC.write_text(intro + "\n" + body)
+    return DOC
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--parts", default="train,infer,ssl", help="comma-separated: train, infer, ssl")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="training steps before timing starts")
+    parser.add_argument("--copies", type=int, default=2, help="inference volumes timed after the first")
+    parser.add_argument("--sample_dir", default=str(REPO.parent / "shared" / "data" / "ct_sample"))
+    parser.add_argument(
+        "--out", default="", help="result JSON (default bench/results/compare_<device>_<size>_<date>.json)"
+    )
+    parser.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md from bench/results/")
+    parser.add_argument("--child", choices=["train", "infer"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--state_out", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = child_train(args) if args.child == "train" else child_infer(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    if args.report:
+        print(f"wrote {write_report()}")
+        return 0
+    tag = _device_name().split(",")[0].replace(" ", "_").replace("/", "_")
+    out = Path(args.out or RESULTS / f"compare_{tag}_{args.size}_{datetime.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = benchmark(args, out)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + markdown(result))
+    print(f"wrote {out}; `python bench/compare.py --report` puts it into {DOC.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The full-size benchmark on one GPU, within about 8 minutes:
+#   1. bench/compare.py --size full: this collection's defaults against the zoo recipe, pipelines
+#      end to end (training crops/s, inference s/volume and label agreement, SSL crops/s, memory);
+#   2. bench/levers.py --size full: each speed lever alone on the network step (f48, 96^3, 4 crops)
+#      and on sliding-window inference, from the model zoo's settings one change at a time.
+# Results go to $OUT (when set, e.g. on a lent device machine) or bench/results/.
+#
+#   bash bench/gpu.sh [SAMPLE_DIR]        # SAMPLE_DIR defaults to ../shared/data/ct_sample
+#
+# Wheels in .whl/ (monai, pytorch-ignite, nibabel, fire, termcolor) are installed first when present,
+# for machines that have torch but not the rest and no network.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+SAMPLE_DIR=${1:-../shared/data/ct_sample}
+RESULTS=${OUT:-bench/results}
+mkdir -p "$RESULTS"
+TAG=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+DAY=$(date +%F)
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+timeout 330 python3 bench/compare.py --size full --repeats 2 --steps 8 --warmup 3 --copies 2 \
+    --sample_dir "$SAMPLE_DIR" --out "$RESULTS/compare_${TAG}_full_${DAY}.json" || echo "compare: exit $?"
+timeout 190 python3 bench/levers.py --size full --steps 5 --warmup 2 --repeats 2 \
+    --out "$RESULTS/levers_${TAG}_${DAY}.json" || echo "levers: exit $?"
