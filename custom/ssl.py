@@ -58,7 +58,7 @@ class ReconstructionDecoder(nn.Sequential):
     def __init__(self, dim: int, out_channels: int = 1, num_blocks: int = 5) -> None:
         chans = [dim] + [max(dim // 2 ** (i + 1), dim // 16) for i in range(num_blocks)]
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
+        for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
             layers += [
                 Convolution(3, c_in, c_out, kernel_size=3, norm="instance", act=("leakyrelu", {"inplace": True})),
                 nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
@@ -295,7 +295,8 @@ class SSLLoss(nn.Module):
     Example (two identical embeddings per view: NT-Xent = log(2N - 1)):
         >>> loss = SSLLoss(rotation_weight=0, reconstruction_weight=0)
         >>> pred = {"rotation": torch.zeros(4, 4), "contrastive": torch.ones(4, 8), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}
-        >>> round(loss(pred, {"rotation": torch.zeros(4, dtype=torch.long), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}).item(), 4)
+        >>> target = {"rotation": torch.zeros(4, dtype=torch.long), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}
+        >>> round(loss(pred, target).item(), 4)
         1.0986
     """
 

@@ -60,7 +60,7 @@ def test_dataset_json_without_required_fields_is_named(tmp_path, drop):
     meta = json.loads((task / "dataset.json").read_text())
     del meta[drop]
     (task / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(TaskError, match=rf"dataset.json: missing \['{drop}'\]"):
+    with pytest.raises(TaskError, match=rf"dataset.json: missing \[{drop!r}\]"):
         load_task(task)
 
 
