@@ -361,3 +361,30 @@ def released_to_ssl_state(checkpoint: dict) -> dict[str, torch.Tensor]:
         encoder_key = released_to_monai_key(key)
         out[encoder_key if encoder_key is not None else key.removeprefix("module.")] = value
     return out
+
+
+# -- inference ------------------------------------------------------------------------------------
+# Added for the SSL bundle's configs/inference.json (a look at what pre-training learned). MONAI's
+# inferers, ``verify_net_in_out`` and the TorchScript/ONNX exports need a network that returns one
+# tensor; ``SSLHead`` returns a dict of its three heads. The subclass adds no parameter and keeps the
+# state_dict keys of ``SSLHead``, so the bundle's ``model_swinvit.pt`` (through
+# :func:`released_to_ssl_state`) loads into it strictly.
+__all__ += ["SSLReconstruction"]
+
+
+class SSLReconstruction(SSLHead):
+    """:class:`SSLHead` returning only the reconstruction head's output ``(B, C, X, Y, Z)``.
+
+    Same arguments as :class:`SSLHead`; every spatial size of the input must divide by 32. The two
+    other heads still run (two linear layers on two tokens: negligible) so that this is exactly
+    ``SSLHead(x)["reconstruction"]``.
+
+    Example:
+        >>> net = SSLReconstruction(feature_size=12).eval()
+        >>> with torch.no_grad():
+        ...     net(torch.rand(1, 1, 64, 64, 64)).shape
+        torch.Size([1, 1, 64, 64, 64])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)["reconstruction"]
