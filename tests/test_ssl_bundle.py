@@ -145,24 +145,6 @@ def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
     assert (tmp_path / "models" / "model_swinvit.pt").is_file()
 
 
-def test_monai_property_check_is_empty(pretrained, monkeypatch):
-    from monai.bundle import ConfigWorkflow
-
-    monkeypatch.chdir(SSL)
-    o = pretrained["overrides"]
-    wf = ConfigWorkflow(
-        config_file="configs/train.json",
-        workflow_type="train",
-        dataset_dir=o["dataset_dir"],
-        datalist=o["datalist"],
-        cache_dir=o["cache_dir"],
-        roi_size=o["roi_size"],
-        batch_size=1,
-    )
-    wf.initialize()
-    assert not wf.check_properties()
-
-
 def test_inference_reconstructs_a_whole_volume_on_its_own_grid(tmp_path, sample_dir):
     """configs/inference.json with a tiny untrained model: the reconstruction of the real CT slab, as NIfTI."""
     import nibabel as nib
