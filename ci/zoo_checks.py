@@ -354,6 +354,18 @@ def _bundle_on_path(bundle: Path) -> Iterator[None]:
             sys.path.remove(entry)
 
 
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Only errors from logger ``name`` for a while."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _sample_dataset(work: Path, sample_dir: Path) -> Path:
     from bundles.sample_data import prepare_sample_dataset
 
@@ -508,7 +520,7 @@ def check_properties(
         if missing_files:
             problems.append(f"{workflow_type} workflow: {', '.join(missing_files)} missing")
             continue
-        with _bundle_on_path(root):
+        with _bundle_on_path(root), _quiet("monai.bundle.workflows"):  # "Logging file is set to False"
             wf = ConfigWorkflow(
                 config_file=[str(root / c) for c in configs],
                 meta_file=str(root / META),
@@ -517,6 +529,7 @@ def check_properties(
                 bundle_root=str(root),
                 **(overrides or {}),
             )
+        with _bundle_on_path(root):
             wf.initialize()
             try:
                 missing = wf.check_properties()
@@ -780,7 +793,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--feature_size", type=int, default=12, help="network width for the model checks (48: the bundles' own)"
     )
     parser.add_argument(
-        "--export_shape", type=int, nargs=3, default=None, help="traced input's spatial size (default: the metadata's)"
+        "--export_shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="traced input's spatial size (default: the metadata's)",
     )
     parser.add_argument("--sample_dir", default=None, help="the shared CT sample (default: ../shared/data/ct_sample)")
     parser.add_argument(
