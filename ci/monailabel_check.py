@@ -87,7 +87,7 @@ TINY_TRAINING = {
 }
 
 
-class CheckFailed(Exception):
+class CheckFailedError(Exception):
     """A step of the check failed; the message says which and why."""
 
 
@@ -100,7 +100,7 @@ def tail(text: str, lines: int = 40) -> str:
 
 
 def run(cmd: list[str], what: str, timeout: float, **kw) -> subprocess.CompletedProcess:
-    """Run ``cmd`` to completion within ``timeout`` s; raise ``CheckFailed`` with the output tail otherwise."""
+    """Run ``cmd`` to completion within ``timeout`` s; raise ``CheckFailedError`` with the output tail otherwise."""
     try:
         proc = subprocess.run(
             [str(c) for c in cmd],
@@ -113,9 +113,11 @@ def run(cmd: list[str], what: str, timeout: float, **kw) -> subprocess.Completed
         )
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode("utf-8", "replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        raise CheckFailed(f"{what}: timed out after {timeout:.0f} s\n{tail(out)}") from None
+        raise CheckFailedError(f"{what}: timed out after {timeout:.0f} s\n{tail(out)}") from None
     if proc.returncode != 0:
-        raise CheckFailed(f"{what}: exit status {proc.returncode}\n$ {' '.join(map(str, cmd))}\n{tail(proc.stdout)}")
+        raise CheckFailedError(
+            f"{what}: exit status {proc.returncode}\n$ {' '.join(map(str, cmd))}\n{tail(proc.stdout)}"
+        )
     return proc
 
 
@@ -170,7 +172,7 @@ def build_venv(venv: Path, base_python: str, timeout: float) -> None:
     )
     versions = json.loads(run([py, "-c", probe], "importing monailabel", 300, env=env).stdout.strip().splitlines()[-1])
     if versions["monailabel"] != MONAILABEL_VERSION:
-        raise CheckFailed(f"the environment holds monailabel {versions['monailabel']}, not {MONAILABEL_VERSION}")
+        raise CheckFailedError(f"the environment holds monailabel {versions['monailabel']}, not {MONAILABEL_VERSION}")
     stamp.write_text(json.dumps(versions, indent=4) + "\n")
     log(f"environment complete: {versions}")
 
@@ -179,7 +181,7 @@ def find_sample_app(venv: Path) -> Path:
     """The ``monaibundle`` sample app shipped with the installed monailabel package."""
     hits = sorted(venv.glob("**/sample-apps/monaibundle/main.py"))
     if not hits:
-        raise CheckFailed(f"no sample-apps/monaibundle/main.py under {venv}: is monailabel installed there?")
+        raise CheckFailedError(f"no sample-apps/monaibundle/main.py under {venv}: is monailabel installed there?")
     return hits[0].parent
 
 
@@ -214,7 +216,7 @@ def train_tiny_model(project_python: str, work: Path, timeout: float) -> Path:
     run(cmd + cli_args(overrides), "training the tiny model", timeout, cwd=BUNDLE, env=env)
     model = work / "train" / "models" / "model.pt"
     if not model.is_file():
-        raise CheckFailed(f"training finished but wrote no {model}")
+        raise CheckFailedError(f"training finished but wrote no {model}")
     return model
 
 
@@ -230,14 +232,14 @@ def assemble_app(venv: Path, model: Path, work: Path) -> tuple[Path, Path]:
     # copytree follows symlinks by default: custom -> ../custom becomes a real folder
     shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("__pycache__", "models", "outputs", "eval", "*.pyc"))
     if (dst / "custom").is_symlink() or not (dst / "custom" / "transforms.py").is_file():
-        raise CheckFailed(f"{dst / 'custom'} is not a real copy of custom/")
+        raise CheckFailedError(f"{dst / 'custom'} is not a real copy of custom/")
     (dst / "models").mkdir()
     shutil.copy2(model, dst / "models" / "model.pt")
     cfg_path = dst / "configs" / "inference.json"
     cfg = json.loads(cfg_path.read_text())
     for k, v in TINY_SIZES.items():
         if k not in cfg:
-            raise CheckFailed(f"{cfg_path}: no '{k}' to override")
+            raise CheckFailedError(f"{cfg_path}: no {k!r} to override")
         cfg[k] = v
     cfg_path.write_text(json.dumps(cfg, indent=4) + "\n")
     studies = work / "studies"
@@ -298,8 +300,8 @@ class Server:
         except OSError:
             return "(no server log)"
 
-    def fail(self, msg: str) -> CheckFailed:
-        return CheckFailed(f"{msg}\n--- last lines of the server log ({self.log_path}) ---\n{self.log_tail()}")
+    def fail(self, msg: str) -> CheckFailedError:
+        return CheckFailedError(f"{msg}\n--- last lines of the server log ({self.log_path}) ---\n{self.log_tail()}")
 
     def wait_ready(self, timeout: float) -> dict:
         """Poll ``/info/`` until it answers (returns its JSON), the server exits, or ``timeout`` s pass."""
@@ -380,12 +382,12 @@ def check_info(info: dict) -> dict:
     """
     models = info.get("models", {})
     if BUNDLE_NAME not in models:
-        raise CheckFailed(f"/info/ lists models {sorted(models)}, not {BUNDLE_NAME}")
+        raise CheckFailedError(f"/info/ lists models {sorted(models)}, not {BUNDLE_NAME}")
     entry = models[BUNDLE_NAME]
     want = {name.lower(): i for name, i in expected_labels().items() if name.lower() != "background"}
     got = entry.get("labels")
     if got != want:
-        raise CheckFailed(f"/info/ labels of {BUNDLE_NAME}:\n  got      {got}\n  expected {want}")
+        raise CheckFailedError(f"/info/ labels of {BUNDLE_NAME}:\n  got      {got}\n  expected {want}")
     return entry
 
 
@@ -415,7 +417,7 @@ def bundle_inference(project_python: str, bundle: Path, studies: Path, out_dir: 
     run(cmd, "the bundle's own run inference", timeout, cwd=bundle, env=clean_env())
     seg = out_dir / f"{STUDY_ID}_seg.nii.gz"
     if not seg.is_file():
-        raise CheckFailed(f"run inference wrote no {seg}")
+        raise CheckFailedError(f"run inference wrote no {seg}")
     return seg
 
 
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if venv_complete(venv) and not args.rebuild:
             timings["venv build"] = "reused (complete)"
         elif args.skip_build:
-            raise CheckFailed(f"MONAI Label environment absent or incomplete at {venv}: run make test-monailabel")
+            raise CheckFailedError(f"MONAI Label environment absent or incomplete at {venv}: run make test-monailabel")
         else:
             build_venv(venv, args.base_python, args.build_timeout)
             timings["venv build"] = f"{time.monotonic() - t0:.0f} s"
@@ -459,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"environment ready: {venv}")
             return 0
         if not Path(args.project_python).exists():
-            raise CheckFailed(f"the project's environment is missing ({args.project_python}): run make setup")
+            raise CheckFailedError(f"the project's environment is missing ({args.project_python}): run make setup")
         for need in (SAMPLE_DIR / f"{STUDY_ID}.nii.gz", BUNDLE / "configs" / "metadata.json"):
             if not need.is_file():
-                raise CheckFailed(f"missing {need}")
+                raise CheckFailedError(f"missing {need}")
 
         if args.keep:
             work = args.keep.absolute()
@@ -520,19 +522,19 @@ def main(argv: list[str] | None = None) -> int:
         timings["bundle run inference (comparison)"] = f"{time.monotonic() - t0:.0f} s"
         got = compare_label_maps(args.project_python, pred, SAMPLE_DIR / f"{STUDY_ID}.nii.gz", ref)
         if got["shape"] != got["image_shape"]:
-            raise CheckFailed(f"label map shape {got['shape']} differs from the slab's {got['image_shape']}")
+            raise CheckFailedError(f"label map shape {got['shape']} differs from the slab's {got['image_shape']}")
         if not got["same_grid"]:
-            raise CheckFailed("the label map's affine differs from the slab's: not on the input's grid")
+            raise CheckFailedError("the label map's affine differs from the slab's: not on the input's grid")
         bad = [v for v in got["values"] if v != int(v) or not 0 <= v <= 13]
         if bad:
-            raise CheckFailed(f"label map holds values outside 0..13: {bad}")
+            raise CheckFailedError(f"label map holds values outside 0..13: {bad}")
         if got["agreement"] is None or got["agreement"] < MIN_AGREEMENT:
-            raise CheckFailed(
+            raise CheckFailedError(
                 f"the served label map agrees with the bundle's own run inference on {got['agreement']} of the voxels "
                 f"(at least {MIN_AGREEMENT} expected: same configs, same weights)"
             )
         found = [int(v) for v in got["values"]]
-    except CheckFailed as e:
+    except CheckFailedError as e:
         print(f"\nMONAI Label check FAILED: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -330,9 +330,9 @@ class EvaluationReport:
                 {
                     "case": case,
                     "mean_dice": _nan_to_none(torch.nanmean(row).item()),
-                    "dice": {n: _nan_to_none(v) for n, v in zip(names, row.tolist())},
+                    "dice": {n: _nan_to_none(v) for n, v in zip(names, row.tolist(), strict=True)},
                 }
-                for case, row in zip(cases, scores)
+                for case, row in zip(cases, scores, strict=True)
             ],
             "note": "null = class absent from both label and prediction of that case; left out of the means",
         }

@@ -105,7 +105,7 @@ def import_labels(src: str, dst: str, mapping: str | Mapping, overwrite: bool = 
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     nib.save(nib.Nifti1Image(out, img.affine, header), dst)
     values, counts = np.unique(out, return_counts=True)
-    return {int(v): int(c) for v, c in zip(values, counts)}
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
 def main(argv: list[str] | None = None) -> int:

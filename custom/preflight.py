@@ -114,7 +114,7 @@ class DataCheck:
                     self.problems.append(f"{path}: no 'training' list")
                 continue
             if not isinstance(items, list) or (section == "training" and not items):
-                self.problems.append(f"{path}: '{section}' must be a non-empty list of {{'image', 'label'}} entries")
+                self.problems.append(f"{path}: {section!r} must be a non-empty list of {{'image', 'label'}} entries")
                 continue
             for i, item in enumerate(items):
                 if isinstance(item, str):
@@ -198,7 +198,7 @@ class DataCheck:
     def _check_size(self, path: Path, img) -> None:
         zooms = img.header.get_zooms()[:3]
         pixdim = zooms if self.pixdim is None else self.pixdim
-        resampled = [math.floor(n * z / p) for n, z, p in zip(img.shape[:3], zooms, pixdim)]
+        resampled = [math.floor(n * z / p) for n, z, p in zip(img.shape[:3], zooms, pixdim, strict=False)]
         thin = [i for i, n in enumerate(resampled) if n < self.min_voxels]
         if thin:
             self.problems.append(
@@ -207,7 +207,7 @@ class DataCheck:
                 "padding. Remove it from the list."
             )
             return
-        small = [i for i, (n, r) in enumerate(zip(resampled, self.roi_size)) if n < r]
+        small = [i for i, (n, r) in enumerate(zip(resampled, self.roi_size, strict=False)) if n < r]
         if small:
             self.notes.append(
                 f"{path}: {tuple(resampled)} voxels at {tuple(float(p) for p in pixdim)} mm, smaller than roi_size "

@@ -58,7 +58,7 @@ class ReconstructionDecoder(nn.Sequential):
     def __init__(self, dim: int, out_channels: int = 1, num_blocks: int = 5) -> None:
         chans = [dim] + [max(dim // 2 ** (i + 1), dim // 16) for i in range(num_blocks)]
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
+        for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
             layers += [
                 Convolution(3, c_in, c_out, kernel_size=3, norm="instance", act=("leakyrelu", {"inplace": True})),
                 nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
@@ -356,7 +356,8 @@ class SSLLoss(nn.Module):
     Example (two identical embeddings per view: NT-Xent = log(2N - 1)):
         >>> loss = SSLLoss(rotation_weight=0, reconstruction_weight=0)
         >>> pred = {"rotation": torch.zeros(4, 4), "contrastive": torch.ones(4, 8), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}
-        >>> round(loss(pred, {"rotation": torch.zeros(4, dtype=torch.long), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}).item(), 4)
+        >>> target = {"rotation": torch.zeros(4, dtype=torch.long), "reconstruction": torch.zeros(4, 1, 2, 2, 2)}
+        >>> round(loss(pred, target).item(), 4)
         1.0986
     """
 
@@ -421,3 +422,30 @@ def released_to_ssl_state(checkpoint: dict) -> dict[str, torch.Tensor]:
         encoder_key = released_to_monai_key(key)
         out[encoder_key if encoder_key is not None else key.removeprefix("module.")] = value
     return out
+
+
+# -- inference ------------------------------------------------------------------------------------
+# Added for the SSL bundle's configs/inference.json (a look at what pre-training learned). MONAI's
+# inferers, ``verify_net_in_out`` and the TorchScript/ONNX exports need a network that returns one
+# tensor; ``SSLHead`` returns a dict of its three heads. The subclass adds no parameter and keeps the
+# state_dict keys of ``SSLHead``, so the bundle's ``model_swinvit.pt`` (through
+# :func:`released_to_ssl_state`) loads into it strictly.
+__all__ += ["SSLReconstruction"]
+
+
+class SSLReconstruction(SSLHead):
+    """:class:`SSLHead` returning only the reconstruction head's output ``(B, C, X, Y, Z)``.
+
+    Same arguments as :class:`SSLHead`; every spatial size of the input must divide by 32. The two
+    other heads still run (two linear layers on two tokens: negligible) so that this is exactly
+    ``SSLHead(x)["reconstruction"]``.
+
+    Example:
+        >>> net = SSLReconstruction(feature_size=12).eval()
+        >>> with torch.no_grad():
+        ...     net(torch.rand(1, 1, 64, 64, 64)).shape
+        torch.Size([1, 1, 64, 64, 64])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)["reconstruction"]

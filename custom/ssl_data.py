@@ -147,7 +147,7 @@ def _settings(
     if len(rng) != 2 or not all(math.isfinite(v) for v in rng) or rng[0] >= rng[1]:
         raise ValueError(f"intensity_range must be (low, high) with low < high, got {list(intensity_range)}")
     roi = [int(r) for r in roi_size]
-    if len(roi) != 3 or any(r < 1 for r in roi) or any(r != v for r, v in zip(roi, roi_size)):
+    if len(roi) != 3 or any(r < 1 for r in roi) or any(r != v for r, v in zip(roi, roi_size, strict=True)):
         raise ValueError(f"roi_size must be 3 positive integers, got {list(roi_size)}")
     return {
         "format_version": FORMAT_VERSION,
@@ -459,7 +459,7 @@ class MemmapCropDataset(torch.utils.data.Dataset):
                 counts[v.get("section")] = counts.get(v.get("section"), 0) + 1
             held = counts or "none"
             raise ValueError(f"{self.index_file}: no volume in section {section!r} (the index holds {held})")
-        small = [v for v in self.volumes if any(s < r for s, r in zip(v["shape"][1:], self.roi_size))]
+        small = [v for v in self.volumes if any(s < r for s, r in zip(v["shape"][1:], self.roi_size, strict=True))]
         if small:
             listed = ", ".join(f"{v['file']} {v['shape'][1:]}" for v in small[:5])
             raise ValueError(
@@ -512,7 +512,7 @@ class MemmapCropDataset(torch.utils.data.Dataset):
         if self.deterministic:
             seed = int(np.random.SeedSequence([self.seed, i]).generate_state(1)[0])
             generator = torch.Generator().manual_seed(seed)
-        spans = [s - r + 1 for s, r in zip(self._shapes[i][1:], self.roi_size)]
+        spans = [s - r + 1 for s, r in zip(self._shapes[i][1:], self.roi_size, strict=True)]
         u = torch.rand((self.num_samples, 3), generator=generator, dtype=torch.float64)
         return (u * torch.tensor(spans, dtype=torch.float64)).floor().long()
 

@@ -200,7 +200,7 @@ def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, stri
     dst = model.state_dict()
     encoder_keys = [k for k in dst if k.startswith(ENCODER_PREFIX)]
     if not encoder_keys:
-        raise PretrainedWeightsError(f"the network has no '{ENCODER_PREFIX}' encoder: is it a SwinUNETR?")
+        raise PretrainedWeightsError(f"the network has no {ENCODER_PREFIX!r} encoder: is it a SwinUNETR?")
 
     report = LoadReport(path=path)
     mapped: dict[str, torch.Tensor] = {}

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import BTCV, REPO, SMALL, cli, run_bundle
-from monai.bundle import ConfigWorkflow
 from monai.networks.nets import SwinUNETR
 from PIL import Image
+
+from ci.zoo_checks import check_torchscript
 
 ORGANS = [
     "spleen",
@@ -183,49 +184,17 @@ def test_inference_dicom_series_folder(trained, tmp_path, sample_dir):
     assert np.asarray(seg.dataobj).max() <= 13
 
 
-def test_torchscript_export_reproduces_eager(trained, tmp_path):
-    ts = tmp_path / "model.ts"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "ckpt_export",
-        "network_def",
-        "--filepath",
-        str(ts),
-        "--ckpt_file",
-        str(Path(trained["ckpt_dir"]) / "model.pt"),
-        "--meta_file",
-        "configs/metadata.json",
-        "--config_file",
-        "configs/inference.json",
-        "--use_trace",
-        "True",
-        "--input_shape",
-        "[1,1,64,64,64]",
-        *cli({"feature_size": 12}),
-    ]
-    proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    traced = torch.jit.load(str(ts))
-    net = small_net().eval()
-    net.load_state_dict(torch.load(Path(trained["ckpt_dir"]) / "model.pt", weights_only=True))
-    x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(traced(x), net(x), atol=1e-4)
-
-
-@pytest.mark.parametrize(("workflow_type", "configs"), [("train", ["train.json"]), ("infer", ["inference.json"])])
-def test_monai_property_check_is_empty(workflow_type, configs, monkeypatch, sample_dataset):
-    monkeypatch.chdir(BTCV)
-    wf = ConfigWorkflow(
-        config_file=[f"configs/{c}" for c in configs],
-        workflow_type=workflow_type,
-        dataset_dir=str(sample_dataset),
-        input_dir=str(sample_dataset / "imagesTr"),
+def test_torchscript_export_of_the_trained_model_reproduces_eager(trained, tmp_path):
+    """The zoo's TorchScript check (``ci/zoo_checks.py``, which runs it on fresh weights) on the trained checkpoint."""
+    details = check_torchscript(
+        BTCV,
+        {"feature_size": 12},
+        tmp_path,
+        ckpt_file=Path(trained["ckpt_dir"]) / "model.pt",
+        spatial_shape=(64, 64, 64),
     )
-    wf.initialize()
-    assert not wf.check_properties()
+    assert "loaded module vs eager on another input: max abs difference" in details
+    assert (tmp_path / "model.ts").is_file()
 
 
 def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):

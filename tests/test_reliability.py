@@ -103,7 +103,7 @@ def test_checksum_in_large_files_yml_is_enforced(tmp_path):
 
     good = hashlib.sha256(weights.read_bytes()).hexdigest()
     (tmp_path / "large_files.yml").write_text(
-        f'large_files:\n  - path: "models/model.pt"\n    url: "file:///nowhere"\n    hash_val: "{good}"\n    hash_type: "sha256"\n'
+        f'large_files:\n  - path: "models/model.pt"\n    url: "file:///nowhere"\n    hash_val: {good!r}\n    hash_type: "sha256"\n'
     )
     assert verified_path(str(weights), str(tmp_path)) == str(weights)
     (tmp_path / "large_files.yml").write_text((tmp_path / "large_files.yml").read_text().replace(good, "0" * 64))

@@ -145,19 +145,33 @@ def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
     assert (tmp_path / "models" / "model_swinvit.pt").is_file()
 
 
-def test_monai_property_check_is_empty(pretrained, monkeypatch):
-    from monai.bundle import ConfigWorkflow
+def test_inference_reconstructs_a_whole_volume_on_its_own_grid(tmp_path, sample_dir):
+    """configs/inference.json with a tiny untrained model: the reconstruction of the real CT slab, as NIfTI."""
+    import nibabel as nib
+    import numpy as np
 
-    monkeypatch.chdir(SSL)
-    o = pretrained["overrides"]
-    wf = ConfigWorkflow(
-        config_file="configs/train.json",
-        workflow_type="train",
-        dataset_dir=o["dataset_dir"],
-        datalist=o["datalist"],
-        cache_dir=o["cache_dir"],
-        roi_size=o["roi_size"],
-        batch_size=1,
-    )
-    wf.initialize()
-    assert not wf.check_properties()
+    from custom.ssl import ssl_state_to_released
+
+    models, inp = tmp_path / "models", tmp_path / "in"
+    models.mkdir()
+    inp.mkdir()
+    torch.manual_seed(0)
+    torch.save(ssl_state_to_released(SSLHead(feature_size=12).state_dict()), models / "model_swinvit.pt")
+    shutil.copy(sample_dir / "ct_slab.nii.gz", inp / "slab.nii.gz")
+    overrides = {
+        "feature_size": 12,
+        "roi_size": [64, 64, 64],
+        "amp": False,
+        "num_workers": 0,
+        "sw_batch_size": 4,
+        "overlap": 0.0,
+        "ckpt_dir": str(models),
+        "input_dir": str(inp),
+        "output_dir": str(tmp_path / "out"),
+    }
+    run_bundle("inference", ["configs/inference.json"], overrides, cwd=SSL)
+    recon, image = nib.load(tmp_path / "out" / "slab_recon.nii.gz"), nib.load(inp / "slab.nii.gz")
+    assert recon.shape == image.shape == (122, 101, 30)
+    assert np.allclose(recon.affine, image.affine, atol=1e-4)
+    values = np.asarray(recon.dataobj)
+    assert recon.get_data_dtype() == np.float32 and np.isfinite(values).all() and values.std() > 0

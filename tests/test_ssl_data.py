@@ -269,7 +269,7 @@ def test_crops_have_roi_shape_and_come_from_the_stored_volume(corpus):
         arr = np.load(corpus.parent / ds.volumes[i]["file"]).astype(np.float32) / 255
         items = ds[i]
         assert len(items) == 3
-        for (x, y, z), item in zip(ds.corners(i).tolist(), items):
+        for (x, y, z), item in zip(ds.corners(i).tolist(), items, strict=True):
             crop = item["image"]
             assert crop.dtype == torch.float32 and tuple(crop.shape) == (1, 16, 12, 8)
             assert 0.0 <= crop.min() and crop.max() <= 1.0
@@ -279,7 +279,7 @@ def test_crops_have_roi_shape_and_come_from_the_stored_volume(corpus):
 def test_deterministic_mode_repeats_and_random_mode_varies(corpus):
     fixed = MemmapCropDataset(corpus, roi_size=ROI, num_samples=2, deterministic=True, seed=7)
     again = MemmapCropDataset(corpus, roi_size=ROI, num_samples=2, deterministic=True, seed=7)
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(fixed[1], again[1]))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(fixed[1], again[1], strict=True))
     other = MemmapCropDataset(corpus, roi_size=ROI, deterministic=True, seed=8)
     assert not torch.equal(fixed.corners(1), other.corners(1)) or not torch.equal(fixed.corners(2), other.corners(2))
 
@@ -289,7 +289,8 @@ def test_deterministic_mode_repeats_and_random_mode_varies(corpus):
     torch.manual_seed(3)
     first = rand[0]
     torch.manual_seed(3)
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, rand[0]))  # torch's RNG drives it
+    # torch's RNG drives it
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, rand[0], strict=True))
 
 
 def test_dataloader_workers_flatten_samples_into_the_batch(corpus):
@@ -306,7 +307,7 @@ def test_dataloader_workers_flatten_samples_into_the_batch(corpus):
         batches.append([b["image"] for b in loader])
     set_determinism(seed=None)
     assert [tuple(b.shape) for b in batches[0]] == [(4, 1, *ROI), (2, 1, *ROI)]
-    assert all(torch.equal(a, b) for a, b in zip(*batches))  # reproducible under set_determinism
+    assert all(torch.equal(a, b) for a, b in zip(*batches, strict=True))  # reproducible under set_determinism
     assert all(b.dtype == torch.float32 and 0 <= b.min() and b.max() <= 1 for b in batches[0])
 
 
