@@ -93,7 +93,9 @@ def time_training(bundle: Path, overrides: dict, steps: int, state_file: Path | 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
     torch.cuda.reset_peak_memory_stats()
     wf.run()
-    per_step = statistics.median([b - a for a, b in zip(stamps[2:], stamps[3:])])  # skip two warm-up steps
+    per_step = statistics.median(
+        [b - a for a, b in zip(stamps[2:], stamps[3:], strict=False)]
+    )  # skip two warm-up steps
     crops = wf.parser.get_parsed_content("num_samples") * wf.parser.get_parsed_content("batch_size")
     result = {
         "steps_timed": len(stamps) - 3,
@@ -144,7 +146,7 @@ def infer(ct_full: Path, work: Path, copies: int = 3) -> dict:
     evaluator.add_event_handler(Events.COMPLETED, stamp)
     torch.cuda.reset_peak_memory_stats()
     wf.run()
-    per_volume = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    per_volume = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=False)]
     import nibabel as nib
 
     shape = nib.load(str(next((work / "segs").glob("*.nii.gz")))).shape

@@ -399,13 +399,43 @@ def markdown(result: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def levers_markdown(result: dict, name: str) -> str:
+    """The tables of one ``bench/levers.py`` result file."""
+    rows = [
+        f"### Levers alone: {result['device']}, feature_size {result['feature_size']}, {result['roi']}^3, "
+        f"torch {result['torch']}",
+        "",
+        "| training step, 4 crops (each row adds to the rows above) | s/step | crops/s | peak GPU memory | MFU |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["train"]:
+        if "error" in r:
+            rows.append(f"| {r['row']} | failed: {r['error'][:80]} | | | |")
+            continue
+        mfu = f"{r['model_flop_utilisation']:.1%}" if "model_flop_utilisation" in r else ""
+        mem = f"{r['peak_gpu_memory_gib']} GiB" if "peak_gpu_memory_gib" in r else ""
+        rows.append(f"| {r['row']} | {r['seconds_per_step']} | {r['crops_per_second']} | {mem} | {mfu} |")
+    if result["infer"]:
+        rows += [
+            "",
+            "| sliding-window inference, one volume (each row adds to the rows above) | s/volume | peak GPU memory |",
+            "|---|---|---|",
+        ]
+        for r in result["infer"]:
+            mem = f"{r['peak_gpu_memory_gib']} GiB" if "peak_gpu_memory_gib" in r else ""
+            rows.append(f"| {r['row']} | {r.get('seconds_per_volume', 'failed')} | {mem} |")
+    return "\n".join(rows) + f"\n\nRaw figures: `bench/results/{name}`.\n"
+
+
 def write_report() -> Path:
-    files = sorted(RESULTS.glob("compare_*.json"))
-    intro = (
-        DOC.read_text().split("<!-- results -->")[0] if DOC.is_file() else "# Benchmarks\n\n"
-    ) + "<!-- results -->\n"
-    body = "\n".join(markdown(json.loads(f.read_text())) + f"\nRaw figures: `bench/results/{f.name}`.\n" for f in files)
-    DOC.write_text(intro + "\n" + body)
+    """Rewrite the results part of docs/benchmarks.md (below its ``<!-- results -->`` line)."""
+    intro = DOC.read_text().split("<!-- results -->")[0] if DOC.is_file() else "# Benchmarks\n\n"
+    body = [
+        markdown(json.loads(f.read_text())) + f"\nRaw figures: `bench/results/{f.name}`.\n"
+        for f in sorted(RESULTS.glob("compare_*.json"))
+    ]
+    body += [levers_markdown(json.loads(f.read_text()), f.name) for f in sorted(RESULTS.glob("levers_*.json"))]
+    DOC.write_text(intro + "<!-- results -->\n\n" + "\n".join(body))
     return DOC
 
 

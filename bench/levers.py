@@ -115,7 +115,11 @@ def time_train(opts: dict, feature_size: int, roi: int, steps: int, warmup: int,
         if i == warmup - 1:
             warm_seconds = time.perf_counter() - first
     step = statistics.median(times[warmup:])
-    out = {"seconds_per_step": round(step, 4), "crops_per_second": round(4 / step, 2), "warmup_seconds": round(warm_seconds, 1)}
+    out = {
+        "seconds_per_step": round(step, 4),
+        "crops_per_second": round(4 / step, 2),
+        "warmup_seconds": round(warm_seconds, 1),
+    }
     if not torch.isfinite(loss):
         out["loss_not_finite"] = True
     if cuda:
@@ -161,16 +165,27 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="inference volumes timed per row")
     parser.add_argument("--skip", default="", help="comma-separated row labels' leading words to skip, e.g. compile")
-    parser.add_argument("--ours_compile", action="store_true", help="only: the defaults, then the defaults + torch.compile")
+    parser.add_argument(
+        "--ours_compile", action="store_true", help="only: the defaults, then the defaults + torch.compile"
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     feature_size, roi, shape = SIZES[args.size]
     skip = [s for s in args.skip.split(",") if s]
-    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "feature_size": feature_size, "roi": roi, "train": [], "infer": []}
+    result = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "feature_size": feature_size,
+        "roi": roi,
+        "train": [],
+        "infer": [],
+    }
     if args.ours_compile:
-        for label, change in [("ours: bf16, SDPA, fused AdamW, checkpointing", {}), ("ours + torch.compile", {"compile": True})]:
+        for label, change in [
+            ("ours: bf16, SDPA, fused AdamW, checkpointing", {}),
+            ("ours + torch.compile", {"compile": True}),
+        ]:
             try:
                 row = time_train({**OURS, **change}, feature_size, roi, args.steps, args.warmup, device)
             except Exception as e:  # noqa: BLE001

@@ -58,6 +58,31 @@ def test_training_writes_best_model_and_resumable_checkpoint(trained):
     assert "val_mean_dice" in trained["proc"].stdout
 
 
+def test_training_cache_holds_indices_and_crops_drop_them(sample_dataset):
+    # the speed default: foreground indices computed once and cached with the volume (label uint8,
+    # indices int32), so crops never rescan it; the index arrays must not travel into the batch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BTCV / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(sample_dataset), **SMALL, "num_workers": 0})
+    dataset = parser.get_parsed_content("train#dataset")
+    cached = dataset._cache[0]
+    assert cached["label"].dtype == torch.uint8 and cached["label_fg_indices"].dtype == torch.int32
+    label = cached["label"].flatten()
+    assert torch.equal(
+        label[cached["label_fg_indices"].long()] > 0, torch.ones_like(cached["label_fg_indices"], dtype=bool)
+    )
+    assert len(cached["label_fg_indices"]) == int((label > 0).sum())
+    crops = dataset[0]
+    assert len(crops) == parser.get_parsed_content("num_samples")
+    for crop in crops:
+        assert set(crop) >= {"image", "label"} and not any("indices" in k for k in crop)
+        assert tuple(crop["image"].shape[1:]) == tuple(SMALL["roi_size"])
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert batch["image"].shape[0] == parser.get_parsed_content("num_samples")
+
+
 @pytest.fixture()
 def run_copy(trained, tmp_path) -> dict:
     """The trained run's checkpoints copied, so that a test may change them."""

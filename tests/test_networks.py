@@ -1,13 +1,15 @@
-"""The legacy patch-merging order for the paper's released weights."""
+"""The legacy patch-merging order for the paper's released weights; the speed options keep the function."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMerging
 
-from custom.networks import LegacyPatchMerging, downsample_option
+from custom.networks import LegacyPatchMerging, SDPAWindowAttention, downsample_option, speed_options
 
 
 def _reference_legacy(m: LegacyPatchMerging, x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +61,25 @@ def test_swinunetr_accepts_the_option():
     assert downsample_option(False) == "merging"
     with pytest.raises(TypeError, match="True or False"):
         downsample_option("false")
+
+
+def test_sdpa_attention_computes_the_same_function_and_gradients():
+    # 64^3 at feature_size 12: shifted windows (with the attention mask) and windows cut to the map size
+    torch.manual_seed(0)
+    ref = SwinUNETR(1, 3, feature_size=12).train()
+    fast = speed_options(copy.deepcopy(ref), sdpa_attention=True)
+    swapped = [m for m in fast.modules() if isinstance(m, SDPAWindowAttention)]
+    assert len(swapped) == 8  # two blocks in each of the four stages
+    assert fast.state_dict().keys() == ref.state_dict().keys()  # model.pt files load either way
+    x = torch.randn(2, 1, 64, 64, 64)
+    y_ref, y_fast = ref(x), fast(x)
+    assert torch.allclose(y_fast, y_ref, atol=1e-5)
+    y_ref.square().mean().backward()
+    y_fast.square().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_speed_options_refuse_strings():
+    with pytest.raises(TypeError, match="sdpa_attention must be True or False"):
+        speed_options(SwinUNETR(1, 2, feature_size=12), sdpa_attention="false")
