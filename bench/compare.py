@@ -405,9 +405,12 @@ def levers_markdown(result: dict, name: str) -> str:
         f"### Levers alone: {result['device']}, feature_size {result['feature_size']}, {result['roi']}^3, "
         f"torch {result['torch']}",
         "",
-        "| training step, 4 crops (each row adds to the rows above) | s/step | crops/s | peak GPU memory | MFU |",
-        "|---|---|---|---|---|",
     ]
+    if result["train"]:
+        rows += [
+            "| training step, 4 crops (each row adds to the rows above) | s/step | crops/s | peak GPU memory | MFU |",
+            "|---|---|---|---|---|",
+        ]
     for r in result["train"]:
         if "error" in r:
             rows.append(f"| {r['row']} | failed: {r['error'][:80]} | | | |")
