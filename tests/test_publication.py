@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from bundles.package import download_bundle, package_bundle, sha256, write_index
 def test_archive_is_reproducible_and_self_contained(tmp_path):
     a = package_bundle(BTCV, tmp_path / "a")
     b = package_bundle(BTCV, tmp_path / "b")
-    assert a.name == "swin_unetr_btcv_v0.1.0.zip" and a.read_bytes() == b.read_bytes()
+    version = json.loads((BTCV / "configs" / "metadata.json").read_text())["version"]
+    assert a.name == f"swin_unetr_btcv_v{version}.zip" and a.read_bytes() == b.read_bytes()
     with zipfile.ZipFile(a) as zf:
         names = zf.namelist()
         infos = zf.infolist()
@@ -35,7 +37,8 @@ def test_archive_is_reproducible_and_self_contained(tmp_path):
 def test_index_and_download_refuse_a_mismatching_archive(tmp_path):
     archive = package_bundle(BTCV, tmp_path / "dist")
     index = write_index([archive], (tmp_path / "dist").as_uri(), tmp_path / "dist" / "model_info.json")
-    assert index["swin_unetr_btcv_v0.1.0"]["checksum"] == sha256(archive)
+    version = json.loads((BTCV / "configs" / "metadata.json").read_text())["version"]
+    assert index[f"swin_unetr_btcv_v{version}"]["checksum"] == sha256(archive)
     got = download_bundle("swin_unetr_btcv", str(tmp_path / "dist" / "model_info.json"), tmp_path / "ok")
     assert (got / "configs" / "inference.json").is_file() and (got / "custom" / "weights.py").is_file()
     archive.write_bytes(archive.read_bytes() + b"tampered")

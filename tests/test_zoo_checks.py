@@ -118,7 +118,8 @@ def test_broken_metadata_is_rejected_naming_each_field(tmp_path):
 def test_package_versions_under_either_name_not_both_and_published_versions_refused(tmp_path):
     bundle = copy_bundle(BTCV, tmp_path)
     meta_file = bundle / "configs" / "metadata.json"
-    assert check_metadata(bundle).startswith("valid against ci/metadata_schema.json; version 0.1.0 in changelog")
+    version = json.loads(meta_file.read_text())["version"]
+    assert check_metadata(bundle).startswith(f"valid against ci/metadata_schema.json; version {version} in changelog")
     # the model zoo's older name, which MONAI 1.6 maps to required_packages_version
     edit_json(meta_file, lambda m: m.update(optional_packages_version=m.pop("required_packages_version")))
     check_metadata(bundle)
@@ -127,8 +128,8 @@ def test_package_versions_under_either_name_not_both_and_published_versions_refu
         check_metadata(bundle)
     edit_json(meta_file, lambda m: m.pop("optional_packages_version"))
     index = tmp_path / "model_info.json"
-    index.write_text(json.dumps({"swin_unetr_btcv_v0.1.0": {"checksum": OTHER_HASH, "source": "file:///x.zip"}}))
-    with pytest.raises(ZooCheckError, match=r"version: 0.1.0 is already published in .*model_info.json"):
+    index.write_text(json.dumps({f"swin_unetr_btcv_v{version}": {"checksum": OTHER_HASH, "source": "file:///x.zip"}}))
+    with pytest.raises(ZooCheckError, match=rf"version: {version} is already published in .*model_info.json"):
         check_metadata(bundle, index=index)
 
 
