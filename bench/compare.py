@@ -372,30 +372,24 @@ def markdown(result: dict) -> str:
         "| measure | zoo recipe | ours | ratio (ours / zoo) |",
         "|---|---|---|---|",
     ]
-    if "train" in result:
-        t = result["train"]
-        rows.append(
-            f"| fine-tuning, crops/s | {t['baseline']['crops_per_second']} | {t['ours']['crops_per_second']} "
-            f"| **{t['ratio']}** |"
-        )
-        rows.append(f"| fine-tuning, peak memory | {_mem(t['baseline'])} | {_mem(t['ours'])} | |")
+    labels = {"train": "fine-tuning", "infer": "inference", "ssl": "SSL pre-training"}
+    for part, (key, unit) in {
+        "train": ("crops_per_second", "crops/s"),
+        "infer": ("seconds_per_volume", "s/volume"),
+        "ssl": ("crops_per_second", "crops/s"),
+    }.items():
+        t = result.get(part)
+        if t is None:
+            continue
+        if "error" in t:
+            rows.append(f"| {labels[part]} | failed: see the result file | | |")
+            continue
+        rows.append(f"| {labels[part]}, {unit} | {t['baseline'][key]} | {t['ours'][key]} | **{t['ratio']}** |")
+        rows.append(f"| {labels[part]}, peak memory | {_mem(t['baseline'])} | {_mem(t['ours'])} | |")
         if "model_flop_utilisation" in t:
-            rows.append(f"| fine-tuning, model FLOP utilisation | | {t['model_flop_utilisation']:.1%} | |")
-    if "infer" in result:
-        i = result["infer"]
-        rows.append(
-            f"| inference, s/volume | {i['baseline']['seconds_per_volume']} | {i['ours']['seconds_per_volume']} "
-            f"| **{i['ratio']}** |"
-        )
-        rows.append(f"| inference, peak memory | {_mem(i['baseline'])} | {_mem(i['ours'])} | |")
-        rows.append(f"| inference, voxels with the same label | | {i['label_agreement']:.2%} | |")
-    if "ssl" in result:
-        t = result["ssl"]
-        rows.append(
-            f"| SSL pre-training, crops/s | {t['baseline']['crops_per_second']} | {t['ours']['crops_per_second']} "
-            f"| **{t['ratio']}** |"
-        )
-        rows.append(f"| SSL pre-training, peak memory | {_mem(t['baseline'])} | {_mem(t['ours'])} | |")
+            rows.append(f"| {labels[part]}, model FLOP utilisation | | {t['model_flop_utilisation']:.1%} | |")
+        if "label_agreement" in t:
+            rows.append(f"| {labels[part]}, voxels with the same label | | {t['label_agreement']:.2%} | |")
     return "\n".join(rows) + "\n"
 
 

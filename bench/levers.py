@@ -181,52 +181,38 @@ def main() -> int:
         "train": [],
         "infer": [],
     }
+
+    def measure(kind: str, label: str, fn) -> bool:
+        """Run one row, record and print it (a lever that fails is a finding, not the end of the sweep)."""
+        try:
+            row = fn()
+        except Exception as e:  # noqa: BLE001
+            row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        result[kind].append({"row": label, **row})
+        print(f"{kind:<5} | {label:<60} | {json.dumps(row)}", flush=True)
+        _save(result, args.out)
+        return "error" not in row
+
+    def train(opts: dict):
+        return lambda: time_train(opts, feature_size, roi, args.steps, args.warmup, device)
+
     if args.ours_compile:
-        for label, change in [
-            ("ours: bf16, SDPA, fused AdamW, checkpointing", {}),
-            ("ours + torch.compile", {"compile": True}),
-        ]:
-            try:
-                row = time_train({**OURS, **change}, feature_size, roi, args.steps, args.warmup, device)
-            except Exception as e:  # noqa: BLE001
-                row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            result["train"].append({"row": label, **row})
-            print(f"train | {label:<60} | {json.dumps(row)}", flush=True)
-            _save(result, args.out)
+        measure("train", "ours: bf16, SDPA, fused AdamW, checkpointing", train(OURS))
+        measure("train", "ours + torch.compile", train({**OURS, "compile": True}))
         return 0
     opts = copy.deepcopy(BASE)
     for label, change in TRAIN_ROWS:
         opts.update(change)
-        if any(s in label for s in skip):
-            continue
-        try:
-            row = time_train(opts, feature_size, roi, args.steps, args.warmup, device)
-        except Exception as e:  # noqa: BLE001  a lever that fails is a finding, not the end of the sweep
-            row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            opts.update({k: BASE[k] for k in change})
-        result["train"].append({"row": label, **row})
-        print(f"train | {label:<60} | {json.dumps(row)}", flush=True)
-        _save(result, args.out)
+        if not any(s in label for s in skip) and not measure("train", label, train(dict(opts))):
+            opts.update({k: BASE[k] for k in change})  # later rows go on without the failed lever
     train_opts = copy.deepcopy(opts)
     opts = copy.deepcopy(BASE)
     for label, change in INFER_ROWS:
         opts.update(change)
-        try:
-            row = time_infer(opts, feature_size, roi, shape, args.repeats, device)
-        except Exception as e:  # noqa: BLE001
-            row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        result["infer"].append({"row": label, **row})
-        print(f"infer | {label:<60} | {json.dumps(row)}", flush=True)
-        _save(result, args.out)
+        measure("infer", label, lambda o=dict(opts): time_infer(o, feature_size, roi, shape, args.repeats, device))
     label, change = COMPILE_ROW
     if not any(s in label for s in skip):
-        try:
-            row = time_train({**train_opts, **change}, feature_size, roi, args.steps, args.warmup, device)
-        except Exception as e:  # noqa: BLE001
-            row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        result["train"].append({"row": label, **row})
-        print(f"train | {label:<60} | {json.dumps(row)}", flush=True)
-    _save(result, args.out)
+        measure("train", label, train({**train_opts, **change}))
     return 0
 
 
