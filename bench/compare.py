@@ -246,83 +246,85 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
     }
     parts = args.parts.split(",")
     state = work / "ours_model.pt"
-    if "train" in parts or "infer" in parts:
+
+    def alternate(name: str, mode: str, part: str, overrides, key: str, higher_is_better: bool = True) -> bool:
+        """``--repeats`` rounds of baseline then ours; the summary (or the error) goes into ``result[name]``."""
+        runs: dict[str, list] = {"baseline": [], "ours": []}
         try:
-            runs: dict[str, list] = {"baseline": [], "ours": []}
             for r in range(args.repeats):
-                for pipeline in ("baseline", "ours"):
-                    run_dir = work / f"train_{pipeline}_{r}"
-                    ov = {
-                        **common,
-                        "dataset_dir": str(paths["data"]),
-                        "datalist": str(paths["data"] / "bench_dataset.json"),
-                        "ckpt_dir": str(run_dir / "models"),
-                        "output_dir": str(run_dir / "outputs"),
-                        "num_workers": 4 if pipeline == "baseline" else min(4, os.cpu_count() or 1),
-                    }
+                for pipeline in runs:
+                    keep = str(state) if (name, pipeline, r) == ("train", "ours", 0) else ""
                     runs[pipeline].append(
-                        run_child(
-                            "train", "train", pipeline, ov, args, str(state) if pipeline == "ours" and r == 0 else ""
-                        )
+                        run_child(mode, part, pipeline, {**common, **overrides(pipeline, r)}, args, keep)
                     )
-            result["train"] = _summary(runs, "crops_per_second")
-            peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device"]), None)
-            if peak and args.size == "full":  # pipeline rate, data loading included
-                rate = result["train"]["ours"]["crops_per_second"]
-                result["train"]["model_flop_utilisation"] = round(rate * FLOP_PER_CROP_F48_96 / peak, 4)
-            out.write_text(json.dumps(result, indent=2) + "\n")
         except ChildFailed as e:  # keep measuring the other parts
-            result["train"] = {"error": str(e)[-2000:]}
-            print(f"train failed:\n{e}", flush=True)
+            result[name] = {"error": str(e)[-2000:]}
+            print(f"{name} failed:\n{e}", flush=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
+            return False
+        result[name] = _summary(runs, key, higher_is_better)
+        return True
+
+    def run_dirs(prefix: str, pipeline: str, r: int) -> dict:
+        run_dir = work / f"{prefix}_{pipeline}_{r}"
+        return {"ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "outputs")}
+
+    if "train" in parts or "infer" in parts:
+        ok = alternate(
+            "train",
+            "train",
+            "train",
+            lambda pipeline, r: {
+                "dataset_dir": str(paths["data"]),
+                "datalist": str(paths["data"] / "bench_dataset.json"),
+                "num_workers": 4 if pipeline == "baseline" else min(4, os.cpu_count() or 1),
+                **run_dirs("train", pipeline, r),
+            },
+            "crops_per_second",
+        )
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device"]), None)
+        if ok and peak and args.size == "full":  # pipeline rate, data loading included
+            rate = result["train"]["ours"]["crops_per_second"]
+            result["train"]["model_flop_utilisation"] = round(rate * FLOP_PER_CROP_F48_96 / peak, 4)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     if "infer" in parts and "error" not in result.get("train", {}):
-        try:
-            ckpt = work / "infer_models"
-            ckpt.mkdir()
-            shutil.copy(state, ckpt / "model.pt")
-            runs = {"baseline": [], "ours": []}
-            for r in range(args.repeats):
-                for pipeline in ("baseline", "ours"):
-                    ov = {
-                        **common,
-                        "ckpt_dir": str(ckpt),
-                        "input_dir": str(paths["infer_in"]),
-                        "output_dir": str(work / f"segs_{pipeline}_{r}"),
-                    }
-                    runs[pipeline].append(run_child("infer", "infer", pipeline, ov, args))
-            result["infer"] = _summary(runs, "seconds_per_volume", higher_is_better=False)
+        ckpt = work / "infer_models"
+        ckpt.mkdir()
+        shutil.copy(state, ckpt / "model.pt")  # the same weights for both pipelines
+        ok = alternate(
+            "infer",
+            "infer",
+            "infer",
+            lambda pipeline, r: {
+                "ckpt_dir": str(ckpt),
+                "input_dir": str(paths["infer_in"]),
+                "output_dir": str(work / f"segs_{pipeline}_{r}"),
+            },
+            "seconds_per_volume",
+            higher_is_better=False,
+        )
+        if ok:
             seg = "ct_full_0_seg.nii.gz"
             result["infer"]["label_agreement"] = round(
                 agreement(work / "segs_baseline_0" / seg, work / "segs_ours_0" / seg), 5
             )
-            out.write_text(json.dumps(result, indent=2) + "\n")
-        except ChildFailed as e:  # keep measuring the other parts
-            result["infer"] = {"error": str(e)[-2000:]}
-            print(f"infer failed:\n{e}", flush=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n")
     if "ssl" in parts:
-        try:
-            runs = {"baseline": [], "ours": []}
-            for r in range(args.repeats):
-                for pipeline in ("baseline", "ours"):
-                    run_dir = work / f"ssl_{pipeline}_{r}"
-                    ov = {
-                        **common,
-                        "dataset_dir": str(paths["data"]),
-                        "datalist": [str(paths["data"] / "bench_ssl.json")],
-                        "cache_dir": str(work / "ssl_cache"),
-                        "ckpt_dir": str(run_dir / "models"),
-                        "output_dir": str(run_dir / "outputs"),
-                        "num_workers": min(4, os.cpu_count() or 1),
-                        "warmup_steps": 2,
-                    }
-                    runs[pipeline].append(run_child("train", "ssl", pipeline, ov, args))
-            result["ssl"] = _summary(runs, "crops_per_second")
-            out.write_text(json.dumps(result, indent=2) + "\n")
-        except ChildFailed as e:  # keep measuring the other parts
-            result["ssl"] = {"error": str(e)[-2000:]}
-            print(f"ssl failed:\n{e}", flush=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+        alternate(
+            "ssl",
+            "train",
+            "ssl",
+            lambda pipeline, r: {
+                "dataset_dir": str(paths["data"]),
+                "datalist": [str(paths["data"] / "bench_ssl.json")],
+                "cache_dir": str(work / "ssl_cache"),
+                "num_workers": min(4, os.cpu_count() or 1),
+                "warmup_steps": 2,
+                **run_dirs("ssl", pipeline, r),
+            },
+            "crops_per_second",
+        )
+        out.write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return result
 
