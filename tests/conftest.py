@@ -21,6 +21,8 @@ from bundles.demo import DEMO_OVERRIDES, bundle_command  # noqa: E402
 from bundles.demo import cli_args as cli  # noqa: E402,F401  (re-exported to the test modules)
 from bundles.sample_data import DEFAULT_SAMPLE_DIR, prepare_sample_dataset  # noqa: E402
 
+#: ``run_bundle(..., python_args=TORCHRUN)``: the same command under torchrun, 2 processes (gloo on CPUs)
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 #: overrides every bundle command in the tests shares: the demo's small sizes, a cheaper sliding window
 SMALL = {**DEMO_OVERRIDES, "sw_batch_size": 2, "overlap": 0.25}
 

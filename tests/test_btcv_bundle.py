@@ -6,15 +6,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, cli, run_bundle
+from conftest import BTCV, REPO, SMALL, TORCHRUN, run_bundle
 from monai.networks.nets import SwinUNETR
 from PIL import Image
 
@@ -257,30 +255,6 @@ def two_case_dataset(tmp_path_factory, sample_dataset) -> Path:
     return d
 
 
-def torchrun(run_id: str, configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        repr(configs),
-        *cli(overrides),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run(
-        cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, env=env
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    return proc
-
-
 def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp_path):
     """DDP with gloo: 2 ranks train, validation is reduced over both, only rank 0 writes."""
     overrides = {
@@ -294,15 +268,14 @@ def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp
         "use_checkpoint": False,
         "warmup_epochs": 0,
     }
-    torchrun("training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides)
+    run_bundle("training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides, python_args=TORCHRUN)
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1  # 2 cases / 2 ranks = 1 step per rank
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped, loadable anywhere
     small_net().load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
 
-    torchrun(
-        "evaluating", ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"], overrides
-    )
+    configs = ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"]
+    run_bundle("evaluating", configs, overrides, python_args=TORCHRUN)
     metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
     assert [c["case"] for c in metrics["cases"]] == ["img0001", "img0002"]  # gathered from both ranks
     assert metrics["cases"][0]["dice"] == metrics["cases"][1]["dice"]  # same volume, same weights

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import BTCV, REPO, run_bundle
+from conftest import BTCV, REPO, TORCHRUN, run_bundle
 from monai.bundle import ConfigParser
 
 from custom.ssl import SSLHead, released_to_ssl_state
@@ -105,12 +105,6 @@ def test_check_data_names_a_missing_volume(tmp_path, sample_dataset):
 
 def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
     """torchrun, 2 ranks on gloo: rank 0 preprocesses, negatives are gathered, only rank 0 writes."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import cli
-
     overrides = {
         **SMALL_SSL,
         "dataset_dir": str(sample_dataset),
@@ -121,24 +115,9 @@ def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
         "max_epochs": 1,
         "epoch_length": 1,
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        repr(["configs/train.json", "configs/multi_gpu_train.json"]),
-        *cli(overrides),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run(cmd, cwd=SSL, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    run_bundle(
+        "training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides, cwd=SSL, python_args=TORCHRUN
+    )
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1
     assert not any(k.startswith("module.") for k in state["model"])
