@@ -89,7 +89,9 @@ class SDPAWindowAttention(WindowAttention):
         heads = self.num_heads
         q, k, v = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
         index = self.relative_position_index.clone()[:n, :n].reshape(-1)  # type: ignore[operator]
-        bias = self.relative_position_bias_table[index].reshape(n, n, heads).permute(2, 0, 1)  # (heads, n, n)
+        # contiguous: the GPU's fused kernels (cuDNN, memory-efficient) need the mask's last stride to be 1;
+        # a permuted view silently sends the call to the fp32 math kernel, 6x slower (docs/benchmarks.md)
+        bias = self.relative_position_bias_table[index].reshape(n, n, heads).permute(2, 0, 1).contiguous()
         if mask is not None:
             nw = mask.shape[0]
             bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).reshape(1, nw * heads, n, n)

@@ -80,6 +80,28 @@ def test_sdpa_attention_computes_the_same_function_and_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
 
+def test_sdpa_attention_hands_the_gpu_kernels_tensors_they_accept(monkeypatch):
+    # PyTorch's fused attention kernels (cuDNN, memory-efficient) refuse a mask whose last stride is not 1
+    # and fall back, silently, to the fp32 math kernel: on an H100 that made 5 of the 8 attention layers of
+    # Swin UNETR 6x slower (bench/infer_probe.py). Every call, shifted windows or not, must qualify.
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q, k, v, attn_mask))
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    net = speed_options(SwinUNETR(1, 3, feature_size=12), sdpa_attention=True).eval()
+    with torch.no_grad():
+        net(torch.zeros(1, 1, 64, 64, 64))
+    assert len(calls) == 8
+    for q, k, v, mask in calls:
+        assert mask is not None and mask.stride(-1) == 1, mask.stride()
+        assert mask.dim() == 4 and all(m in (1, s) for m, s in zip(mask.shape[:2], q.shape[:2], strict=True))
+        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+
+
 def test_speed_options_refuse_strings():
     with pytest.raises(TypeError, match="sdpa_attention must be True or False"):
         speed_options(SwinUNETR(1, 2, feature_size=12), sdpa_attention="false")
