@@ -371,6 +371,7 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`; torch {result['versions']['torch']}, MONAI {result['versions']['monai']}, "
         f"medians of {result['repeats']} alternating runs each.",
         "",
+        *([f"Note: {result['note']}", ""] if "note" in result else []),
         "| measure | zoo recipe | ours | ratio (ours / zoo) |",
         "|---|---|---|---|",
     ]
@@ -401,6 +402,7 @@ def levers_markdown(result: dict, name: str) -> str:
         f"### Levers alone: {result['device']}, feature_size {result['feature_size']}, {result['roi']}^3, "
         f"torch {result['torch']}",
         "",
+        *([f"Note: {result['note']}", ""] if "note" in result else []),
     ]
     if result["train"]:
         rows += [
