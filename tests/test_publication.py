@@ -127,3 +127,38 @@ def test_onnx_export_matches_eager(trained, tmp_path):
     diff = float(np.abs(onnx_out - eager).max())
     print(f"ONNX Runtime vs eager PyTorch, max abs difference: {diff:.2e}")
     assert diff < 1e-3
+
+
+def test_inference_through_onnx_runtime_matches_pytorch(trained, tmp_path, sample_dir):
+    """``--onnx_runtime True``: the bundle's own inference, windows run by ONNX Runtime, same label map."""
+    pytest.importorskip("onnxruntime")
+    import nibabel as nib
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(sample_dir / "ct_slab.nii.gz", inp / "slab.nii.gz")
+    segs = {}
+    for onnx_runtime in (False, True):
+        out = tmp_path / f"seg_{onnx_runtime}"
+        overrides = {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(inp), "output_dir": str(out)}
+        proc = run_bundle("inference", ["configs/inference.json"], {**overrides, "onnx_runtime": onnx_runtime})
+        assert ("run by ONNX Runtime" in proc.stdout + proc.stderr) == onnx_runtime
+        segs[onnx_runtime] = nib.load(out / "slab_seg.nii.gz")
+    eager, ort = (np.asarray(s.dataobj) for s in (segs[False], segs[True]))
+    assert eager.shape == ort.shape and np.allclose(segs[False].affine, segs[True].affine)
+    assert (eager == ort).mean() >= 0.999, f"only {(eager == ort).mean():.4%} of voxels agree"
+
+
+def test_onnx_runtime_option_is_checked():
+    from monai.networks.nets import SwinUNETR
+
+    from custom.runtimes import OnnxRuntimePredictor, cpu_predictor
+
+    net = SwinUNETR(1, 2, feature_size=12).eval()
+    assert cpu_predictor(net, False, (64, 64, 64)) is net
+    with pytest.raises(TypeError, match="onnx_runtime must be True or False"):
+        cpu_predictor(net, "false", (64, 64, 64))
+    predictor = cpu_predictor(net, True, (64, 64, 64))
+    assert isinstance(predictor, OnnxRuntimePredictor)
+    with pytest.raises(ValueError, match=r"expected windows of \(64, 64, 64\)"):
+        predictor(torch.zeros(1, 1, 32, 64, 64))
