@@ -32,24 +32,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.networks import speed_options  # noqa: E402
+from bench.levers import swin_unetr  # noqa: E402
 from custom.runtimes import OnnxRuntimePredictor  # noqa: E402
 
 SIZES = {"small": (12, 64), "full": (48, 96)}
 SHAPE = (122, 101, 112)
 
 
-def _network(feature_size: int, sdpa: bool) -> torch.nn.Module:
-    from monai.networks.nets import SwinUNETR
-
-    torch.manual_seed(0)
-    net = SwinUNETR(1, 14, feature_size=feature_size).eval()
-    return speed_options(net, sdpa_attention=sdpa)
-
-
 def build_predictors(feature_size: int, roi: int) -> dict:
     """name -> callable taking a (B, 1, roi, roi, roi) float32 tensor and returning logits."""
-    zoo, ours = _network(feature_size, False), _network(feature_size, True)
+    zoo, ours = (swin_unetr(feature_size, sdpa=sdpa).eval() for sdpa in (False, True))
     example = torch.rand(4, 1, roi, roi, roi)
     predictors = {"eager, MONAI attention": zoo, "eager, SDPA (default)": ours}
     with torch.no_grad():

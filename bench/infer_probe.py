@@ -32,17 +32,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.networks import speed_options  # noqa: E402
+from bench.levers import swin_unetr  # noqa: E402
 
 SHAPE = (244, 202, 168)
 
 
-def _net(device, sdpa=True, channels_last=False):
-    from monai.networks.nets import SwinUNETR
-
-    torch.manual_seed(0)
-    net = SwinUNETR(1, 14, feature_size=48).to(device).eval()
-    return speed_options(net, sdpa_attention=sdpa, channels_last=channels_last)
+def _net(device, channels_last=False):
+    return swin_unetr(48, device, sdpa=True, channels_last=channels_last).eval()
 
 
 class GraphedForward(torch.nn.Module):

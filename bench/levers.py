@@ -70,12 +70,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _network(feature_size: int, opts: dict, device: torch.device) -> torch.nn.Module:
+def swin_unetr(
+    feature_size: int,
+    device: torch.device | str = "cpu",
+    sdpa: bool = True,
+    channels_last: bool = False,
+    checkpoint: bool = False,
+) -> torch.nn.Module:
+    """The benchmarks' network: BTCV's Swin UNETR (1 -> 14 channels), seeded, with the speed options.
+
+    Shared by ``levers.py``, ``infer_probe.py`` and ``cpu_runtimes.py`` so that every row measures
+    the same weights.
+    """
     from monai.networks.nets import SwinUNETR
 
     torch.manual_seed(0)
-    net = SwinUNETR(1, 14, feature_size=feature_size, use_checkpoint=opts["checkpoint"]).to(device)
-    return speed_options(net, sdpa_attention=opts["sdpa"], channels_last=opts["channels_last"])
+    net = SwinUNETR(1, 14, feature_size=feature_size, use_checkpoint=checkpoint).to(device)
+    return speed_options(net, sdpa_attention=sdpa, channels_last=channels_last)
+
+
+def _network(feature_size: int, opts: dict, device: torch.device) -> torch.nn.Module:
+    return swin_unetr(feature_size, device, opts["sdpa"], opts["channels_last"], opts["checkpoint"])
 
 
 def time_train(opts: dict, feature_size: int, roi: int, steps: int, warmup: int, device: torch.device) -> dict:
