@@ -17,6 +17,7 @@ from custom.msd import (
     BRATS_REGIONS,
     MSD_TRAINING_CASES,
     TASK_RECIPES,
+    Augmentation,
     TaskError,
     default_max_iterations,
     load_task,
@@ -63,6 +64,7 @@ def test_unknown_task_gets_defaults_from_its_data(tmp_path):
     (renamed / "dataset.json").write_text(json.dumps(meta))
     recipe = load_task(renamed)
     assert recipe.name == "Kidney" and recipe.pixdim == (2.5, 2.5, 2.5) and recipe.window is not None
+    assert recipe.max_iterations == default_max_iterations(2) == 30_000  # the tasks' rule, from its case count
 
 
 @pytest.mark.parametrize("drop", ["modality", "labels", "training"])
@@ -223,6 +225,11 @@ def test_train_json_keeps_softmax_dice_ce_for_exclusive_classes(tmp_path):
     dice = 1 - (2 * (p * g).sum(-1) + 1e-5) / (p.sum(-1) + g.sum(-1) + 1e-5)
     ce = torch.nn.functional.cross_entropy(logits, label[:, 0])
     assert float(loss(logits, label)) == pytest.approx(float(dice.mean() + ce), 1e-6)
+
+
+def test_an_unknown_crop_is_refused_by_name():
+    with pytest.raises(ValueError, match="Augmentation.crop must be 'pos_neg' or 'random', got 'centre'"):
+        Augmentation("centre")
 
 
 def test_every_task_has_a_finite_stated_training_length():
