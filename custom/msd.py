@@ -10,15 +10,18 @@ BraTS evaluation regions and :class:`RegionsToLabelsd` converts predicted region
 What comes from ``dataset.json``: the task name, input channels (``modality``), class names
 (``labels``), the training list. What comes from :data:`TASK_RECIPES`: target spacing, ROI, intensity
 normalisation (CT window or per-channel z-score over non-zero voxels), crops per volume, whether the
-outputs are overlapping regions (sigmoid) or exclusive classes (softmax), and whether SSL encoder
-weights (pre-trained on CT, one input channel) suit the task. The spacings, windows and ROIs are this
-collection's choices, close to each task's typical voxel size; every one can be overridden.
+outputs are overlapping regions (sigmoid) or exclusive classes (softmax), whether SSL encoder
+weights (pre-trained on CT, one input channel) suit the task, the training length in iterations with
+its warm-up, and the augmentation (:class:`Augmentation`). The spacings, windows and ROIs are this
+collection's choices, close to each task's typical voxel size; every one can be overridden. The
+sources of every value are listed in the bundle's ``docs/README.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -33,6 +36,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 __all__ = [
+    "Augmentation",
+    "BTCV_AUGMENTATION",
+    "BRATS21_AUGMENTATION",
     "TaskRecipe",
     "TASK_RECIPES",
     "BRATS_REGIONS",
@@ -41,7 +47,11 @@ __all__ = [
     "msd_datalist",
     "MSDBrainTumourRegionsd",
     "RegionsToLabelsd",
+    "MSD_TRAINING_CASES",
+    "default_max_iterations",
     "intensity_transform",
+    "training_crop",
+    "task_loss",
     "metadata_for_task",
 ]
 
@@ -53,8 +63,70 @@ BRATS_REGIONS: dict[str, tuple[int, ...]] = {
 }
 
 
+#: labelled cases per task, MSD's ``numTraining`` (Antonelli et al., Nature Communications 13, 4128, 2022)
+MSD_TRAINING_CASES: dict[str, int] = {
+    "BrainTumour": 484,
+    "Heart": 20,
+    "Liver": 131,
+    "Hippocampus": 260,
+    "Prostate": 32,
+    "Lung": 63,
+    "Pancreas": 281,
+    "HepaticVessel": 303,
+    "Spleen": 41,
+    "Colon": 126,
+}
+#: passes over the training cases: the research BRATS21 recipe's 300 epochs
+#: (Project-MONAI/research-contributions ``SwinUNETR/BRATS21/main.py``, ``--max_epochs`` default)
+TRAINING_PASSES = 300
+#: the fewest iterations a task trains (our choice: a quarter of the research BTCV recipe's 5000 epochs x 24
+#: cases = 120,000 steps, so that the tasks with 16-50 training cases still get a long cosine schedule)
+MIN_ITERATIONS = 30_000
+
+
+def default_max_iterations(num_cases: int, num_folds: int = 5) -> int:
+    """Training length in iterations for a task of ``num_cases`` labelled cases (our rule, see the docs).
+
+    ``max(MIN_ITERATIONS, TRAINING_PASSES x training cases)``, the training cases being those of fold 0
+    of :func:`msd_datalist` (``num_cases`` minus every ``num_folds``-th case).
+
+    >>> default_max_iterations(484), default_max_iterations(41)
+    (116100, 30000)
+    """
+    training_cases = num_cases - math.ceil(num_cases / num_folds)
+    return max(MIN_ITERATIONS, TRAINING_PASSES * training_cases)
+
+
 class TaskError(ValueError):
     """The task folder or its dataset.json cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The random part of a task's training transforms (read by ``configs/train.json``).
+
+    ``crop`` is ``"pos_neg"`` (``RandCropByPosNegLabeld``, pos 1 neg 1: half the crops centred on a
+    labelled voxel) or ``"random"`` (``RandSpatialCropSamplesd``: uniform position). Flips are per axis,
+    each with ``flip_prob``; ``rotate90_prob`` 0 leaves out the 90-degree rotation; intensity scale and
+    shift (factor and offset 0.1) each with ``intensity_prob``.
+    """
+
+    crop: str = "pos_neg"
+    flip_prob: float = 0.2
+    rotate90_prob: float = 0.2
+    intensity_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("pos_neg", "random"):
+            raise ValueError(f"Augmentation.crop must be 'pos_neg' or 'random', got {self.crop!r}")
+
+
+#: research BTCV (``SwinUNETR/BTCV/main.py`` defaults: RandFlipd_prob 0.2, RandRotate90d_prob 0.2,
+#: RandScale/ShiftIntensityd_prob 0.1; ``utils/data_utils.py``: RandCropByPosNegLabeld pos 1 neg 1)
+BTCV_AUGMENTATION = Augmentation()
+#: research BRATS21 (``SwinUNETR/BRATS21/utils/data_utils.py``): RandSpatialCropd, flips p 0.5 per axis,
+#: intensity scale/shift p 1.0, no rotation
+BRATS21_AUGMENTATION = Augmentation("random", flip_prob=0.5, rotate90_prob=0.0, intensity_prob=1.0)
 
 
 @dataclass(frozen=True)
@@ -62,7 +134,9 @@ class TaskRecipe:
     """How one MSD task is trained. ``window`` is set for CT (HU range to 0..1), None for z-score (MRI).
 
     ``roi_size`` entries are multiples of 32 (Swin UNETR needs it); volumes smaller than the ROI are
-    zero-padded before cropping.
+    zero-padded before cropping. ``max_iterations`` is the training length in optimizer steps (the
+    bundle derives ``max_epochs`` from it); the learning rate warms up over ``warmup_fraction`` of it,
+    then follows a cosine to 0 at its end.
     """
 
     name: str
@@ -76,6 +150,9 @@ class TaskRecipe:
     in_channels: int = 1
     class_names: tuple[str, ...] = field(default=())
     num_labels: int = 0  # label values in the files (dataset.json "labels"), background included
+    max_iterations: int = MIN_ITERATIONS
+    warmup_fraction: float = 0.01  # research BTCV: 50 warm-up epochs of 5000
+    augmentation: Augmentation = BTCV_AUGMENTATION
 
     @property
     def out_channels(self) -> int:
@@ -86,20 +163,48 @@ class TaskRecipe:
         return {**asdict(self), "out_channels": self.out_channels}
 
 
-#: the ten official tasks; class names and channels are filled in from dataset.json by :func:`load_task`
+#: the ten official tasks; class names and channels are filled in from dataset.json by :func:`load_task`.
+#: ``max_iterations`` = :func:`default_max_iterations` of the task's :data:`MSD_TRAINING_CASES`.
 TASK_RECIPES: dict[str, TaskRecipe] = {
-    "BrainTumour": TaskRecipe("BrainTumour", "MRI", (1.0, 1.0, 1.0), (128, 128, 128), None, 1, region_based=True),
-    "Heart": TaskRecipe("Heart", "MRI", (1.25, 1.25, 1.37), (128, 128, 96)),
-    "Liver": TaskRecipe("Liver", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
-    "Hippocampus": TaskRecipe("Hippocampus", "MRI", (1.0, 1.0, 1.0), (64, 64, 64)),
-    "Prostate": TaskRecipe("Prostate", "MRI", (0.6, 0.6, 3.6), (160, 160, 32)),
-    "Lung": TaskRecipe("Lung", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-1000.0, 500.0), ssl_weights_suit=True),
-    "Pancreas": TaskRecipe("Pancreas", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
-    "HepaticVessel": TaskRecipe(
-        "HepaticVessel", "CT", (0.8, 0.8, 1.5), (96, 96, 96), (-100.0, 300.0), ssl_weights_suit=True
+    "BrainTumour": TaskRecipe(
+        "BrainTumour",
+        "MRI",
+        (1.0, 1.0, 1.0),
+        (128, 128, 128),
+        None,
+        1,
+        region_based=True,
+        max_iterations=116_100,  # 300 epochs x 387 cases (research BRATS21: 300 epochs)
+        warmup_fraction=50 / 300,  # research BRATS21: 50 warm-up epochs of 300
+        augmentation=BRATS21_AUGMENTATION,
     ),
-    "Spleen": TaskRecipe("Spleen", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-57.0, 164.0), ssl_weights_suit=True),
-    "Colon": TaskRecipe("Colon", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True),
+    "Heart": TaskRecipe("Heart", "MRI", (1.25, 1.25, 1.37), (128, 128, 96), max_iterations=30_000),
+    "Liver": TaskRecipe(
+        "Liver", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True, max_iterations=31_200
+    ),
+    "Hippocampus": TaskRecipe("Hippocampus", "MRI", (1.0, 1.0, 1.0), (64, 64, 64), max_iterations=62_400),
+    "Prostate": TaskRecipe("Prostate", "MRI", (0.6, 0.6, 3.6), (160, 160, 32), max_iterations=30_000),
+    "Lung": TaskRecipe(
+        "Lung", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-1000.0, 500.0), ssl_weights_suit=True, max_iterations=30_000
+    ),
+    "Pancreas": TaskRecipe(
+        "Pancreas", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True, max_iterations=67_200
+    ),
+    "HepaticVessel": TaskRecipe(
+        "HepaticVessel",
+        "CT",
+        (0.8, 0.8, 1.5),
+        (96, 96, 96),
+        (-100.0, 300.0),
+        ssl_weights_suit=True,
+        max_iterations=72_600,
+    ),
+    "Spleen": TaskRecipe(
+        "Spleen", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-57.0, 164.0), ssl_weights_suit=True, max_iterations=30_000
+    ),
+    "Colon": TaskRecipe(
+        "Colon", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True, max_iterations=30_000
+    ),
 }
 
 
@@ -129,7 +234,8 @@ def _read_dataset_json(dataset_dir: Path) -> dict:
 
 
 def _derived_recipe(name: str, meta: dict, dataset_dir: Path) -> TaskRecipe:
-    """Defaults for a task not in the table: CT window or z-score by modality, median spacing, ROI 96^3."""
+    """Defaults for a task not in the table: CT window or z-score by modality, median spacing, ROI 96^3,
+    the training length of :func:`default_max_iterations` for its number of training cases."""
     import nibabel as nib
 
     ct = any("CT" in str(v).upper() for v in meta["modality"].values())
@@ -147,6 +253,7 @@ def _derived_recipe(name: str, meta: dict, dataset_dir: Path) -> TaskRecipe:
         (96, 96, 96),
         (-175.0, 250.0) if ct else None,
         ssl_weights_suit=ct,
+        max_iterations=default_max_iterations(len(meta["training"])),
     )
 
 
@@ -198,6 +305,55 @@ def intensity_transform(recipe: TaskRecipe, keys: KeysCollection = "image") -> M
             keys, a_min=recipe.window[0], a_max=recipe.window[1], b_min=0.0, b_max=1.0, clip=True
         )
     return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)
+
+
+def training_crop(
+    recipe: TaskRecipe, keys: KeysCollection, roi_size: list[int], num_samples: int, label_key: str = "label"
+) -> MapTransform:
+    """The random crop of ``recipe.augmentation``: ``num_samples`` crops of ``roi_size`` per volume.
+
+    ``"pos_neg"``: ``RandCropByPosNegLabeld`` (pos 1, neg 1, centres on voxels of the image above 0);
+    ``"random"``: ``RandSpatialCropSamplesd`` at a fixed size (``RandSpatialCropd`` of the research
+    BRATS21 code, as a list of ``num_samples`` crops).
+    """
+    from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropSamplesd
+
+    if recipe.augmentation.crop == "random":
+        return RandSpatialCropSamplesd(keys, roi_size=roi_size, num_samples=num_samples, random_size=False)
+    return RandCropByPosNegLabeld(
+        keys,
+        label_key=label_key,
+        spatial_size=roi_size,
+        pos=1,
+        neg=1,
+        num_samples=num_samples,
+        image_key="image",
+        image_threshold=0,
+    )
+
+
+def task_loss(recipe: TaskRecipe) -> torch.nn.Module:
+    """The training loss for ``recipe``'s outputs (network logits ``(B, C, X, Y, Z)``).
+
+    - Overlapping regions (BrainTumour TC/WT/ET, one sigmoid channel each): ``DiceLoss(sigmoid=True)``,
+      Dice per region, smooth 1e-5 (research BRATS21 ``main.py`` default). Not ``DiceCELoss``: in MONAI
+      1.6 its cross entropy with several channels is softmax over the channels, which does not change when
+      every logit shifts by a constant and is zero on background voxels, so it never penalises a wrong
+      sigmoid probability.
+    - Exclusive classes (all other tasks): ``DiceCELoss(to_onehot_y=True, softmax=True)`` on a label map
+      ``(B, 1, X, Y, Z)``, smooth 1e-5 (research BTCV ``main.py`` default; its README command does not
+      pass ``--squared_dice``).
+
+    >>> import torch
+    >>> recipe = TaskRecipe("BrainTumour", "MRI", (1.0, 1.0, 1.0), (128, 128, 128), region_based=True)
+    >>> type(task_loss(recipe)).__name__
+    'DiceLoss'
+    """
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if recipe.region_based:
+        return DiceLoss(to_onehot_y=False, sigmoid=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
 class MSDBrainTumourRegionsd(MapTransform):

@@ -8,10 +8,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, run_bundle
+from monai.bundle import ConfigParser
 from msd_tasks import OFFICIAL, make_task
 
-from custom.msd import BRATS_REGIONS, TASK_RECIPES, TaskError, load_task, metadata_for_task, msd_datalist
+from custom.msd import (
+    BRATS_REGIONS,
+    MSD_TRAINING_CASES,
+    TASK_RECIPES,
+    Augmentation,
+    TaskError,
+    default_max_iterations,
+    load_task,
+    metadata_for_task,
+    msd_datalist,
+    task_loss,
+)
 
 MSD = REPO / "swin_unetr_msd"
 #: channels and classes (without background) of the ten tasks, from the issue's table
@@ -51,6 +64,7 @@ def test_unknown_task_gets_defaults_from_its_data(tmp_path):
     (renamed / "dataset.json").write_text(json.dumps(meta))
     recipe = load_task(renamed)
     assert recipe.name == "Kidney" and recipe.pixdim == (2.5, 2.5, 2.5) and recipe.window is not None
+    assert recipe.max_iterations == default_max_iterations(2) == 30_000  # the tasks' rule, from its case count
 
 
 @pytest.mark.parametrize("drop", ["modality", "labels", "training"])
@@ -139,3 +153,130 @@ def test_train_evaluate_infer(tmp_path, folder):
     assert seg.shape == img.shape[:3] and np.allclose(seg.affine, img.affine, atol=1e-4)  # the input's own grid
     values = set(np.unique(np.asarray(seg.dataobj)).tolist())
     assert values <= set(range(len(json.loads((task / "dataset.json").read_text())["labels"])))  # MSD label values
+
+
+# --- the recipe the bundle trains with: loss, length and schedule, augmentation, label resampling ---
+
+
+def parse_train(tmp_path, task: Path, **overrides) -> ConfigParser:
+    """``configs/train.json`` for ``task`` as ``monai.bundle run`` parses it, with small sizes (nothing runs)."""
+    parser = ConfigParser()
+    parser.read_config(str(MSD / "configs" / "train.json"))
+    parser.update(
+        {
+            "bundle_root": str(MSD),
+            "dataset_dir": str(task),
+            "ckpt_dir": str(tmp_path / "models"),
+            "output_dir": str(tmp_path / "outputs"),
+            "feature_size": 12,
+            "cache_rate": 0.0,
+            "num_workers": 0,
+            **overrides,
+        }
+    )
+    return parser
+
+
+def brats_loss_by_hand(logits: torch.Tensor, regions: torch.Tensor) -> float:
+    """Mean over (batch, region) of 1 - (2 sum(p g) + 1e-5) / (sum p + sum g + 1e-5), p = sigmoid(logits)."""
+    p = torch.sigmoid(logits).flatten(2)
+    g = regions.flatten(2)
+    dice = (2 * (p * g).sum(-1) + 1e-5) / (p.sum(-1) + g.sum(-1) + 1e-5)
+    return float((1 - dice).mean())
+
+
+#: one case, three regions (TC, WT, ET) over four voxels: nested as MSDBrainTumourRegionsd makes them
+TINY_REGIONS = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]]).view(1, 3, 4, 1, 1)
+TINY_LOGITS = torch.tensor([[[-2.0, 0.5, 1.5, 3.0], [-1.0, 2.0, 0.0, 4.0], [-3.0, -0.5, 1.0, 2.5]]]).view(1, 3, 4, 1, 1)
+
+
+def test_region_loss_changes_when_every_logit_shifts(tmp_path):
+    loss = task_loss(load_task(make_task(tmp_path, "Task01_BrainTumour", cases=1, tests=0)))
+    before = float(loss(TINY_LOGITS, TINY_REGIONS))
+    after = float(loss(TINY_LOGITS - 5.0, TINY_REGIONS))
+    assert after > before + 0.1  # lower sigmoid probabilities inside the regions cost more
+
+
+def test_region_loss_matches_a_hand_computation(tmp_path):
+    loss = task_loss(load_task(make_task(tmp_path, "Task01_BrainTumour", cases=1, tests=0)))
+    assert float(loss(TINY_LOGITS, TINY_REGIONS)) == pytest.approx(brats_loss_by_hand(TINY_LOGITS, TINY_REGIONS), 1e-6)
+
+
+def test_train_json_trains_braintumour_regions_with_dice_on_sigmoids(tmp_path):
+    """The loss the bundle's config builds: a confident, correct prediction of nested regions costs ~0.
+
+    The former ``DiceCELoss(sigmoid=True)`` added a softmax cross entropy over the three region channels,
+    which costs about ln 3 on every voxel inside all three regions, however right the sigmoids are.
+    """
+    task = make_task(tmp_path, "Task01_BrainTumour", cases=2, tests=0)
+    loss = parse_train(tmp_path, task).get_parsed_content("loss")
+    assert float(loss(TINY_LOGITS, TINY_REGIONS)) == pytest.approx(brats_loss_by_hand(TINY_LOGITS, TINY_REGIONS), 1e-6)
+    confident = 20.0 * (2 * TINY_REGIONS - 1)
+    assert float(loss(confident, TINY_REGIONS)) < 1e-3
+
+
+def test_train_json_keeps_softmax_dice_ce_for_exclusive_classes(tmp_path):
+    task = make_task(tmp_path, "Task09_Spleen", cases=2, tests=0)
+    loss = parse_train(tmp_path, task).get_parsed_content("loss")
+    label = torch.tensor([0, 1, 1, 0]).view(1, 1, 4, 1, 1)
+    logits = torch.tensor([[2.0, -1.0, 0.0, 1.0], [-2.0, 1.0, 0.5, 0.0]]).view(1, 2, 4, 1, 1)
+    p = torch.softmax(logits, 1).flatten(2)
+    g = torch.nn.functional.one_hot(label.flatten(), 2).T[None].float()
+    dice = 1 - (2 * (p * g).sum(-1) + 1e-5) / (p.sum(-1) + g.sum(-1) + 1e-5)
+    ce = torch.nn.functional.cross_entropy(logits, label[:, 0])
+    assert float(loss(logits, label)) == pytest.approx(float(dice.mean() + ce), 1e-6)
+
+
+def test_an_unknown_crop_is_refused_by_name():
+    with pytest.raises(ValueError, match="Augmentation.crop must be 'pos_neg' or 'random', got 'centre'"):
+        Augmentation("centre")
+
+
+def test_every_task_has_a_finite_stated_training_length():
+    docs = (MSD / "docs" / "README.md").read_text()
+    for name, recipe in TASK_RECIPES.items():
+        assert 0 < recipe.max_iterations < 200_000, name
+        assert recipe.max_iterations == default_max_iterations(MSD_TRAINING_CASES[name]), name  # the documented rule
+        assert f"{recipe.max_iterations:,}" in docs, f"{name}: {recipe.max_iterations:,} iterations not in the docs"
+        assert 0 <= recipe.warmup_fraction < 0.5, name
+
+
+@pytest.mark.parametrize("overrides", [{}, {"max_iterations": 1000}, {"max_epochs": 3}])
+def test_learning_rate_schedule_ends_where_training_ends(tmp_path, overrides):
+    task = make_task(tmp_path, "Task09_Spleen", cases=8, tests=0)  # fold 0: 6 training cases, batch 1
+    parser = parse_train(tmp_path, task, **overrides)
+    trainer, scheduler = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("lr_scheduler")
+    steps = trainer.state.max_epochs * trainer.state.epoch_length
+    assert trainer.state.epoch_length == 6 and scheduler.t_total == steps
+    if "max_epochs" in overrides:
+        assert trainer.state.max_epochs == 3
+    else:
+        wanted = overrides.get("max_iterations", TASK_RECIPES["Spleen"].max_iterations)
+        assert wanted <= steps < wanted + 6  # whole epochs: at most one epoch more than asked
+    assert scheduler.warmup_steps == round(0.01 * steps)
+    assert scheduler.lr_lambdas[0](steps) == pytest.approx(0.0, abs=1e-9)  # the cosine reaches 0 at the last step
+    assert scheduler.lr_lambdas[0](steps // 2) > 0.4
+
+
+def test_braintumour_augments_as_the_research_brats21_code(tmp_path):
+    brats = parse_train(tmp_path, make_task(tmp_path, "Task01_BrainTumour", cases=2, tests=0))
+    crop, *flips, rot90, scale, shift = brats.get_parsed_content("train#random_transforms")
+    assert type(crop).__name__ == "RandSpatialCropSamplesd" and list(crop.cropper.cropper.roi_size) == [128, 128, 128]
+    assert [type(f).__name__ for f in flips] == ["RandFlipd"] * 3 and [f.prob for f in flips] == [0.5] * 3
+    assert rot90.prob == 0.0 and scale.prob == 1.0 and shift.prob == 1.0
+    assert brats.get_parsed_content("num_samples") == 1
+
+    spleen = parse_train(tmp_path / "spleen", make_task(tmp_path, "Task09_Spleen", cases=2, tests=0))
+    crop, *flips, rot90, scale, shift = spleen.get_parsed_content("train#random_transforms")
+    assert type(crop).__name__ == "RandCropByPosNegLabeld"
+    assert [f.prob for f in flips] == [0.2] * 3 and rot90.prob == 0.2 and scale.prob == shift.prob == 0.1
+
+
+def test_region_labels_stay_binary_when_pixdim_resamples(tmp_path):
+    task = make_task(tmp_path, "Task01_BrainTumour", shape=(40, 40, 30), spacing=4.0, cases=2, tests=0)
+    parser = parse_train(tmp_path, task, pixdim=[3.0, 3.0, 3.0], roi_size=[64, 64, 64])
+    case = msd_datalist(task, "validation")[0]
+    label = parser.get_parsed_content("validate#preprocessing")(case)["label"]
+    assert label.shape[0] == 3 and np.allclose(label.pixdim, [3.0, 3.0, 3.0])
+    assert set(torch.unique(label).tolist()) == {0.0, 1.0}
+    assert [int(label[i].sum()) > 0 for i in range(3)] == [True, True, True]
