@@ -2,9 +2,10 @@
 
 Our own code, written to the recipe of the paper's research scripts: for each sample a Python loop
 draws a rotation and rotates it, then draws boxes one at a time with Python's ``random`` until their
-summed volume reaches U(0, 0.3) of the crop, filling each with min-max normalised Gaussian noise made
-on the device, then does the same for boxes swapped in from another sample; each box's size is read
-back to the host, as per-box bookkeeping does. Same outputs (keys, shapes, dtypes) as
+summed volume reaches U(0, 0.3) of the crop (edges ``[int(0.05 s), int(0.25 s))``, clipped at the
+border, as ``patch_rand_drop`` draws them), filling each with min-max normalised Gaussian noise made
+on the device, then does the same for boxes swapped in from a random sample (none when it draws
+itself), in place; each box's size is read back to the host, as per-box bookkeeping does. Same outputs (keys, shapes, dtypes) as
 :class:`custom.ssl.SSLViews`, so the SSL engines take either (``bench/zoo_recipe/ssl_train.json``).
 """
 
@@ -28,9 +29,15 @@ def loop_views(
         target = rng.uniform(0, max_fraction) * h * w * d
         covered = 0
         while covered < target:
-            sizes = [rng.randint(max(1, int(box[0] * s)), max(1, int(box[1] * s))) for s in (h, w, d)]
-            starts = [rng.randint(0, s - z) for s, z in zip((h, w, d), sizes, strict=True)]
-            region = (slice(None), *(slice(a, a + z) for a, z in zip(starts, sizes, strict=True)))
+            # edges in [int(0.05 s), int(0.25 s)), first voxel in [0, s - int(0.05 s)), clipped at the border
+            lows = [max(1, int(box[0] * s)) for s in (h, w, d)]
+            starts = [rng.randrange(0, max(1, s - lo)) for s, lo in zip((h, w, d), lows, strict=True)]
+            ends = [
+                min(a + rng.randrange(lo, max(lo + 1, int(box[1] * s))), s)
+                for a, lo, s in zip(starts, lows, (h, w, d), strict=True)
+            ]
+            sizes = [z - a for a, z in zip(starts, ends, strict=True)]
+            region = (slice(None), *(slice(a, z) for a, z in zip(starts, ends, strict=True)))
             if source is None:
                 noise = torch.randn((sample.shape[0], *sizes), device=sample.device)
                 sample[region] = (noise - noise.min()) / (noise.max() - noise.min())

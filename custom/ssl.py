@@ -10,11 +10,13 @@ combined loss. What is here, with the source of each recipe fact:
   x2 trilinear upsampling) blocks halving the channels down to feature_size, then a 1^3 conv
   (paper and its research code).
 - :class:`SSLViews`: two views per crop, each rotated by k x 90 degrees in one plane (k is the
-  rotation label), then corrupted by masked-volume inpainting: random boxes (edges 5-25 % of the
-  crop per axis) are filled with noise until their summed volume reaches U(0, 0.3) of the crop, then
-  a second set of boxes is swapped in from another sample of the batch. The research code does this
-  per sample in Python loops with host round trips; here it is batched on the training device: a
-  fixed pool of candidate boxes per sample, rasterised with a 3-D difference array, no host sync.
+  rotation label), then corrupted by masked-volume inpainting: random boxes are filled with noise
+  until their summed volume reaches U(0, 0.3) of the crop, then a second set of boxes is swapped in
+  from a random sample of the batch (none when that is the sample itself). Box edges, border
+  clipping, per-box noise scaling and the swap partner follow the research code
+  (``SwinUNETR/Pretrain/utils/ops.py``: ``patch_rand_drop``, ``aug_rand``), which does this per sample
+  in Python loops with host round trips; here it is batched on the training device: a fixed pool of
+  candidate boxes per sample, painted with tensor operations, no host sync on a GPU.
 - :class:`SSLLoss`: cross-entropy of the rotation (both views) + NT-Xent (temperature 0.5, positives
   = the two views) + L1 between the reconstruction and the uncorrupted rotated view; weights 1/1/1,
   each term reported. Under DDP the contrastive embeddings are gathered from every rank (gradients
@@ -133,15 +135,33 @@ class SSLViews:
         rotation_dims: the two spatial axes of the rotation plane, counted in the ``(X, Y, Z)`` of
             the crop (0-based). ``(1, 2)`` is the research code's plane; it must be square.
         max_masked_fraction: each sample's noise target is U(0, this) of the crop volume (0.3).
-        box_size: box edge range as fractions of the crop size per axis (0.05, 0.25).
+        box_size: box edge range as fractions ``(lo, hi)`` of the crop size per axis, read as the
+            research code reads its ``tolr`` 0.05 and ``max_block_sz`` 0.25: edges are integers in
+            ``[int(lo * size), int(hi * size))`` (4-23 voxels at 96; at least 1), the box's first voxel
+            lies in ``[0, size - int(lo * size))``, and a box running past the border is clipped
+            there (its clipped volume is what counts towards the target).
         max_boxes: candidate boxes per sample and pass; boxes are used in order until their summed
-            volume reaches the target (expected about 60 at the defaults; 128 leave a wide margin).
-        swap: also swap in boxes from another sample of the batch (needs batch size > 1).
-        seed: seed of the generator these views own (one per device); None draws one from torch.
+            volume reaches the target (at the defaults and 96^3: 62 needed on average, 132 at the
+            99th percentile, at most 141 in 4,000 draws; 192 leave a margin; measured).
+        swap: also swap in boxes from another sample of the batch: each sample draws a partner
+            uniformly among the batch, itself included, and a sample that draws itself gets no
+            swapped boxes (probability 1/B), as in the research code (needs batch size > 1).
+        seed: seed of the generator these views own (one per device); None draws one from torch's
+            global generator (so it follows ``set_determinism``/``custom.utils.seed_everything``).
 
     Calling it on ``x`` ``(B, C, X, Y, Z)`` returns a dict: ``view1``, ``view2`` (corrupted inputs),
     ``target1``, ``target2`` (rotated, uncorrupted), ``rotation1``, ``rotation2`` (``(B,)`` labels
-    k in 0..3), ``mask1``, ``mask2`` (``(B, 1, X, Y, Z)`` bool, voxels replaced by noise or swap).
+    k in 0..3), ``mask1``, ``mask2`` (``(B, 1, X, Y, Z)`` bool, voxels replaced by noise or swap),
+    ``partner1``, ``partner2`` (``(B,)``: the sample whose boxes were swapped in, the sample itself
+    when none were).
+
+    Differences from the research code, each on purpose: the noise of a box is min-max scaled over
+    the voxels of that box still showing after later boxes are painted (the research code scales
+    over the whole box before later boxes overwrite parts of it: the same when boxes do not overlap,
+    and a few thousand voxels per box either way); the swapped-in voxels come from the partner's
+    noise-corrupted view before its own swap (the research loop corrupts in place, so the partner
+    is fully corrupted when it comes earlier in the batch and clean when it comes later: an accident
+    of the loop order); the candidate pool is fixed (``max_boxes``).
 
     Example:
         >>> views = SSLViews(seed=0)(torch.rand(2, 1, 32, 32, 32))
@@ -154,7 +174,7 @@ class SSLViews:
         rotation_dims: Sequence[int] = (1, 2),
         max_masked_fraction: float = 0.3,
         box_size: Sequence[float] = (0.05, 0.25),
-        max_boxes: int = 128,
+        max_boxes: int = 192,
         swap: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -207,7 +227,8 @@ class SSLViews:
 
         ``starts``/``ends``: one ``(B, K)`` tensor per spatial axis (end exclusive); ``keep`` ``(B, K)``
         bool: boxes in order until their summed volume reaches U(0, max_masked_fraction) of the crop
-        (the box that crosses the target is kept), so every kept row is a prefix.
+        (the box that crosses the target is kept), so every kept row is a prefix. Edges, starts and
+        clipping as the research code's ``patch_rand_drop`` (see the class docstring).
         """
         batch, spatial = shape[0], list(shape[2:])
         k = self.max_boxes
@@ -215,15 +236,24 @@ class SSLViews:
         volume = torch.ones(batch, k, device=device)
         starts, ends = [], []
         for size in spatial:
-            lo = max(1, round(self.box_size[0] * size))
-            hi = max(lo, int(self.box_size[1] * size))
-            length = torch.randint(lo, hi + 1, (batch, k), generator=gen, device=device)
-            start = (torch.rand(batch, k, generator=gen, device=device) * (size - length + 1)).long()
+            lo, hi = self.edge_range(size)
+            length = torch.randint(lo, hi, (batch, k), generator=gen, device=device)
+            start = torch.randint(0, max(1, size - lo), (batch, k), generator=gen, device=device)
+            end = (start + length).clamp_max(size)  # clipped at the border
             starts.append(start)
-            ends.append(start + length)
-            volume = volume * length / size
+            ends.append(end)
+            volume = volume * (end - start) / size
         keep = (volume.cumsum(1) - volume) < target[:, None]
         return starts, ends, keep
+
+    def edge_range(self, size: int) -> tuple[int, int]:
+        """Box edges along an axis of ``size`` voxels: ``[lo, hi)``, the research code's ``randint(tolr, max_block)``.
+
+        >>> SSLViews().edge_range(96), SSLViews().edge_range(64)
+        ((4, 24), (3, 16))
+        """
+        lo = max(1, int(self.box_size[0] * size))
+        return lo, max(lo + 1, int(self.box_size[1] * size))
 
     def box_mask(self, shape: Sequence[int], device: torch.device, gen: torch.Generator) -> torch.Tensor:
         """Union of random boxes covering about U(0, max_masked_fraction) of each sample: ``(B, 1, X, Y, Z)`` bool.
@@ -275,43 +305,120 @@ class SSLViews:
         return (count[:, : spatial[0], : spatial[1], : spatial[2]] > 0.5)[:, None]
 
     @staticmethod
-    def noise_fill(x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """``x`` with its masked voxels replaced by Gaussian noise min-max normalised to 0..1 per sample.
+    def box_ids(
+        shape: Sequence[int],
+        starts: list[torch.Tensor],
+        ends: list[torch.Tensor],
+        keep: torch.Tensor,
+        method: str = "auto",
+        chunk: int = 16,
+    ) -> torch.Tensor:
+        """Index of the last kept box covering each voxel, -1 where none: ``(B, 1, X, Y, Z)`` int16.
 
-        The min and max are taken over each sample's masked voxels. On a GPU the noise is drawn for the
-        whole batch (no host sync); on the CPU only for the masked voxels (a sixth of the crop on
-        average), sample by sample.
+        Boxes are painted in order, later over earlier, as the research code paints them. On the CPU
+        by slice assignment; on a GPU as the maximum box index over the boxes covering each voxel,
+        ``chunk`` boxes at a time (no host sync). ``method``: ``"auto"`` (by device), ``"max"`` or
+        ``"slices"`` (tested equal).
         """
-        if x.device.type == "cpu":
+        batch, spatial = shape[0], list(shape[2:])
+        device = keep.device
+        if method not in ("auto", "max", "slices"):
+            raise ValueError(f"method must be 'auto', 'max' or 'slices', got {method!r}.")
+        if method == "slices" or (method == "auto" and device.type == "cpu"):
+            ids = torch.full((batch, 1, *spatial), -1, dtype=torch.int16, device=device)
+            s, e, kept = [t.tolist() for t in starts], [t.tolist() for t in ends], keep.sum(1).tolist()
+            for b in range(batch):
+                for j in range(kept[b]):
+                    ids[b, 0, s[0][b][j] : e[0][b][j], s[1][b][j] : e[1][b][j], s[2][b][j] : e[2][b][j]] = j
+            return ids
+        inside = [
+            (torch.arange(n, device=device) >= a[..., None]) & (torch.arange(n, device=device) < z[..., None])
+            for n, a, z in zip(spatial, starts, ends, strict=True)
+        ]  # per axis (B, K, size)
+        ids = torch.full((batch, *spatial), -1, dtype=torch.int16, device=device)
+        none = torch.tensor(-1, dtype=torch.int16, device=device)
+        for c0 in range(0, keep.shape[1], chunk):
+            c = slice(c0, c0 + chunk)
+            covered = (
+                inside[0][:, c, :, None, None]
+                & inside[1][:, c, None, :, None]
+                & inside[2][:, c, None, None, :]
+                & keep[:, c, None, None, None]
+            )
+            index = torch.arange(c0, c0 + covered.shape[1], dtype=torch.int16, device=device).view(1, -1, 1, 1, 1)
+            ids = torch.maximum(ids, torch.where(covered, index, none).amax(1))
+        return ids[:, None]
+
+    @staticmethod
+    def noise_fill(
+        x: torch.Tensor, ids: torch.Tensor, gen: torch.Generator, num_boxes: int | None = None, method: str = "auto"
+    ) -> torch.Tensor:
+        """``x`` with the voxels of each box replaced by Gaussian noise min-max normalised to 0..1 per box.
+
+        ``ids`` ``(B, 1, X, Y, Z)``: the box showing at each voxel, -1 for none (:meth:`box_ids`). Each
+        box's noise is scaled by the min and max over its voxels (all channels), as the research
+        code scales each box's noise. On a GPU the noise is drawn for the whole batch (no host sync);
+        on the CPU only for the masked voxels (a sixth of the crop on average).
+
+        Args:
+            x: ``(B, C, X, Y, Z)`` images.
+            ids: box index per voxel.
+            gen: the generator to draw from.
+            num_boxes: an upper bound of the box indices + 1 (``max_boxes``); None reads it from ``ids``.
+            method: ``"auto"`` (by device), ``"dense"`` (the GPU's way) or ``"masked"`` (the CPU's).
+        """
+        if method not in ("auto", "dense", "masked"):
+            raise ValueError(f"method must be 'auto', 'dense' or 'masked', got {method!r}.")
+        batch = x.shape[0]
+        num_boxes = int(ids.max()) + 1 if num_boxes is None else int(num_boxes)
+        num_boxes = max(num_boxes, 1)
+        tiny = torch.finfo(x.dtype).tiny
+        if method == "masked" or (method == "auto" and x.device.type == "cpu"):  # noise for masked voxels only
             out = x.clone()
-            for b in range(x.shape[0]):
-                m = mask[b].expand_as(x[b])
-                n = int(m.sum())
-                if n:
-                    noise = torch.randn(n, generator=gen, dtype=x.dtype)
-                    lo, hi = noise.min(), noise.max()
-                    out[b][m] = (noise - lo) / (hi - lo).clamp_min(torch.finfo(x.dtype).tiny)
+            for b in range(batch):
+                m = ids[b, 0] >= 0
+                box = ids[b, 0][m].long().expand(x.shape[1], -1)  # (C, n): every channel of a box is one group
+                noise = torch.randn(box.shape, generator=gen, dtype=x.dtype)
+                lo = torch.full((num_boxes,), float("inf"), dtype=x.dtype).scatter_reduce(
+                    0, box[0], noise.amin(0), "amin"
+                )
+                hi = torch.full((num_boxes,), -float("inf"), dtype=x.dtype).scatter_reduce(
+                    0, box[0], noise.amax(0), "amax"
+                )
+                out[b][:, m] = (noise - lo[box]) / (hi[box] - lo[box]).clamp_min(tiny)
             return out
-        m = mask.expand_as(x)
+        mask = (ids >= 0).expand_as(x)
+        offset = torch.arange(batch, device=x.device).view(-1, *[1] * (x.ndim - 1)) * num_boxes
+        group = (offset + ids.long().clamp_min(0)).expand_as(x)
+        groups = batch * num_boxes
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         inf = torch.tensor(float("inf"), device=x.device, dtype=x.dtype)
-        lo = torch.where(m, noise, inf).flatten(1).amin(1).view(-1, *[1] * (x.ndim - 1))
-        hi = torch.where(m, noise, -inf).flatten(1).amax(1).view(-1, *[1] * (x.ndim - 1))
-        return torch.where(m, (noise - lo) / (hi - lo).clamp_min(torch.finfo(x.dtype).tiny), x)
+        flat, flat_group = noise.reshape(-1), group.reshape(-1)
+        lo = torch.full((groups,), float("inf"), device=x.device, dtype=x.dtype)
+        lo = lo.scatter_reduce(0, flat_group, torch.where(mask.reshape(-1), flat, inf), "amin")
+        hi = torch.full((groups,), -float("inf"), device=x.device, dtype=x.dtype)
+        hi = hi.scatter_reduce(0, flat_group, torch.where(mask.reshape(-1), flat, -inf), "amax")
+        lo, hi = lo[group], hi[group]
+        return torch.where(mask, (noise - lo) / (hi - lo).clamp_min(tiny), x)
 
-    def corrupt(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise boxes, then (optionally) boxes from another sample. Returns (corrupted, mask)."""
-        mask = self.box_mask(x.shape, x.device, gen)
-        out = self.noise_fill(x, mask, gen)  # noise scaled to 0..1 like the images
-        if self.swap and x.shape[0] > 1:
-            partner = (
-                torch.arange(x.shape[0], device=x.device)
-                + torch.randint(1, x.shape[0], (x.shape[0],), generator=gen, device=x.device)
-            ) % x.shape[0]
-            swap_mask = self.box_mask(x.shape, x.device, gen)
-            out = torch.where(swap_mask, out[partner], out)
-            mask = mask | swap_mask
-        return out, mask
+    def corrupt(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise boxes, then (optionally) boxes from a random partner. Returns (corrupted, mask, partner).
+
+        ``partner`` ``(B,)``: uniform over the batch, the sample itself included; a sample that drew
+        itself gets no swapped boxes (research code: ``idx_rnd = randint(0, img_n)``, skipped when
+        ``idx_rnd == i``).
+        """
+        batch = x.shape[0]
+        ids = self.box_ids(x.shape, *self.draw_boxes(x.shape, x.device, gen))
+        mask = ids >= 0
+        out = self.noise_fill(x, ids, gen, self.max_boxes)  # noise scaled to 0..1 like the images
+        itself = torch.arange(batch, device=x.device)
+        if not (self.swap and batch > 1):
+            return out, mask, itself
+        partner = torch.randint(0, batch, (batch,), generator=gen, device=x.device)
+        swap_mask = self.box_mask(x.shape, x.device, gen) & (partner != itself).view(-1, 1, 1, 1, 1)
+        out = torch.where(swap_mask, out[partner], out)
+        return out, mask | swap_mask, partner
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.ndim != 5:
@@ -322,8 +429,9 @@ class SSLViews:
         for i in (1, 2):
             k = torch.randint(0, 4, (x.shape[0],), generator=gen, device=x.device)
             target = self.rotate(x, k)
-            view, mask = self.corrupt(target, gen)
+            view, mask, partner = self.corrupt(target, gen)
             out.update({f"view{i}": view, f"target{i}": target, f"rotation{i}": k, f"mask{i}": mask})
+            out[f"partner{i}"] = partner
         return out
 
 

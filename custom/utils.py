@@ -66,3 +66,51 @@ def class_names_from_metadata(meta_file: str | os.PathLike, output: str = "pred"
     if sorted(int(k) for k in channel_def) != list(range(len(channel_def))):
         raise ValueError(f"{meta_file}: channel_def keys must be 0..{len(channel_def) - 1}, got {list(channel_def)}")
     return [channel_def[str(i)] for i in range(len(channel_def))]
+
+
+# -- per-rank seeding -----------------------------------------------------------------------------
+__all__ += ["seed_everything"]
+
+
+def seed_everything(seed: int | None, rank: int | None = None) -> int | None:
+    """Seed torch, numpy and Python's ``random`` with ``seed + rank``, through MONAI's ``set_determinism``.
+
+    Under DDP every process runs the same config; one seed on every rank makes every rank draw the same
+    random numbers: the same crops (of whatever volume its sampler gives it), flips, rotations and
+    masks, so a global batch of W ranks holds only one rank's worth of independent augmentation (and,
+    in pre-training, duplicate "negatives"). Offsetting the seed by the rank gives each process its
+    own stream, reproducible for a given ``seed`` and world size; rank 0 (and a single process) draws
+    exactly what ``set_determinism(seed)`` draws. What else follows the global generators: MONAI's
+    ``DataLoader`` seeds its transforms' own random states (``Randomizable.R``) and its workers from
+    torch's global generator (``monai.data.utils.set_rnd``, ``worker_init_fn``), and
+    ``custom.ssl.SSLViews(seed=None)`` seeds its generator from it, so they differ per rank too.
+    ``DistributedSampler`` keeps its own ``seed`` (same on every rank, as the split needs).
+
+    Args:
+        seed: base seed; None disables determinism (``set_determinism(None)``: each process draws from
+            fresh entropy).
+        rank: this process's rank; None reads it from ``torch.distributed`` (0 when not initialised).
+
+    Returns:
+        the seed used in this process (None when ``seed`` is None).
+
+    Raises:
+        ValueError: ``seed`` or ``rank`` is not a non-negative integer (e.g. the string ``"0"``).
+
+    >>> seed_everything(7, rank=1)
+    8
+    """
+    import logging
+
+    from monai.utils import set_determinism
+
+    if rank is None:
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    for name, value in (("seed", seed), ("rank", rank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    used = None if seed is None else seed + rank
+    set_determinism(seed=used)
+    logging.getLogger(__name__).info(f"rank {rank}: random seed {used} (base seed {seed} + rank)")
+    return used

@@ -105,29 +105,93 @@ def test_box_rasterisers_agree():
     slices = SSLViews.rasterise(shape, *boxes, method="slices")
     assert torch.equal(SSLViews.rasterise(shape, *boxes, method="difference"), slices)
     assert slices.any() and not slices.all()
+    # box indices: the GPU's maximum over boxes and the CPU's painting in order agree, later boxes on top
+    ids = SSLViews.box_ids(shape, *boxes, method="slices")
+    assert torch.equal(SSLViews.box_ids(shape, *boxes, method="max", chunk=5), ids)
+    assert torch.equal(ids >= 0, slices)
+    starts, ends, keep = boxes
+    last = int(keep[0].sum()) - 1
+    corner = tuple(int(s[0, last]) for s in starts)
+    assert ids[(0, 0, *corner)] == last  # the last kept box shows at its own corner
 
 
-def test_noise_fill_is_min_max_normalised_on_the_masked_voxels():
+def test_box_edges_and_clipping_follow_the_research_code():
+    """research ``patch_rand_drop`` at 96: edges ``randint(4, 24)``, start ``randint(0, 92)``, end clipped at 96."""
+    views = SSLViews(seed=5)
+    assert views.edge_range(96) == (4, 24)
+    starts, ends, _ = views.draw_boxes((64, 1, 96, 96, 96), torch.device("cpu"), views.generator(torch.device("cpu")))
+    for start, end in zip(starts, ends, strict=True):
+        size = end - start
+        assert size.min() == 4 and size.max() == 23  # not 5..24
+        assert start.min() == 0 and start.max() == 91 and end.max() == 96
+        # clipping at the far border: about 15 % of boxes end there (fully inside the crop: about 1 %)
+        assert 0.10 < (end == 96).float().mean() < 0.20
+
+
+def _research_noise_std(size: int, draws: int, seed: int) -> float:
+    import random
+
+    from bench.research_views import loop_views
+
+    rng, x, stds = random.Random(seed), torch.zeros(1, 1, size, size, size), []
+    for _ in range(draws):
+        v = loop_views(x, rng=rng)  # batch 1: never a swap, only noise boxes
+        stds.append(v["view1"][v["mask1"]].std().item())
+    return sum(stds) / len(stds)
+
+
+def test_noise_is_scaled_per_box_as_in_the_research_code():
+    # two boxes per sample: each box's noise spans 0..1 on its own (scaled per sample, only one box would)
     x = torch.full((2, 1, 16, 16, 16), 5.0)
-    mask = torch.zeros(2, 1, 16, 16, 16, dtype=torch.bool)
-    mask[0, :, :4], mask[1, :, 8:] = True, True
-    out = SSLViews.noise_fill(x, mask, torch.Generator().manual_seed(0))
-    assert torch.equal(out[~mask], x[~mask])
-    for b in range(2):
-        noise = out[b][mask[b]]
-        assert noise.min() == 0 and noise.max() == 1 and 0.3 < noise.mean() < 0.7
+    ids = torch.full((2, 1, 16, 16, 16), -1, dtype=torch.int16)
+    ids[0, :, :4], ids[0, :, 8:12], ids[1, :, 2:6, :8], ids[1, :, 2:6, 8:] = 0, 1, 0, 1
+    for method in ("dense", "masked"):
+        out = SSLViews.noise_fill(x, ids, torch.Generator().manual_seed(0), num_boxes=4, method=method)
+        assert torch.equal(out[ids < 0], x[ids < 0])
+        for b in range(2):
+            for box in (0, 1):
+                noise = out[b][ids[b] == box]
+                assert noise.min() == 0 and noise.max() == 1 and 0.3 < noise.mean() < 0.7
+    # whole views: the spread of the noise matches the research-style loop (per-sample scaling: 0.115 vs 0.147)
+    views, stds = SSLViews(seed=6, swap=False), []
+    for _ in range(24):
+        v = views(torch.zeros(1, 1, 64, 64, 64))
+        stds.append(v["view1"][v["mask1"]].std().item())
+    ours, research = sum(stds) / len(stds), _research_noise_std(64, 24, seed=6)
+    assert abs(ours - research) < 0.012, (ours, research)
 
 
-def test_swapped_boxes_come_from_another_sample():
-    x = torch.stack([torch.full((1, 32, 32, 32), float(v)) for v in (0.0, 1.0)])
-    # the same seed without swapping gives the noise-corrupted views before the swap
-    before = SSLViews(seed=4, swap=False)(x)["view1"]
-    after = SSLViews(seed=4)(x)["view1"]
-    changed = after != before
-    assert changed[0].any() and changed[1].any()
-    # with two samples each one's partner is the other: swapped voxels hold the other's (corrupted) view
-    assert torch.equal(after[0][changed[0]], before[1][changed[0]])
-    assert torch.equal(after[1][changed[1]], before[0][changed[1]])
+def test_swapped_boxes_come_from_the_partner_and_a_sample_drawing_itself_gets_none():
+    x = torch.stack([torch.full((1, 16, 16, 16), float(v)) for v in (0.0, 1.0)])
+    seen = set()
+    for seed in range(40):
+        # the same seed without swapping gives the noise-corrupted views before the swap
+        before = SSLViews(seed=seed, swap=False)(x)["view1"]
+        out = SSLViews(seed=seed)(x)
+        after, partner, mask = out["view1"], out["partner1"], out["mask1"]
+        for b in range(2):
+            changed = after[b] != before[b]
+            if int(partner[b]) == b:
+                seen.add("itself")
+                assert not changed.any()  # research: skipped when the partner is the sample itself
+            else:
+                seen.add("other")
+                assert changed.any() and mask[b][changed].all()
+                assert torch.equal(after[b][changed], before[1 - b][changed])
+    assert seen == {"itself", "other"}
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_swap_is_skipped_with_probability_one_over_the_batch(batch):
+    views = SSLViews(seed=9)
+    gen = views.generator(torch.device("cpu"))
+    skipped, n = 0, 300
+    for _ in range(n):
+        _, _, partner = views.corrupt(torch.rand(batch, 1, 8, 8, 8), gen)
+        skipped += int((partner == torch.arange(batch)).sum())
+    # binomial: mean 1/B of the samples, 4 standard deviations either side
+    p, total = 1 / batch, n * batch
+    assert abs(skipped / total - p) < 4 * math.sqrt(p * (1 - p) / total)
 
 
 def test_views_are_deterministic_under_a_seed():

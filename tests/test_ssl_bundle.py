@@ -104,7 +104,7 @@ def test_check_data_names_a_missing_volume(tmp_path, sample_dataset):
 
 
 def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
-    """torchrun, 2 ranks on gloo: rank 0 preprocesses, negatives are gathered, only rank 0 writes."""
+    """torchrun, 2 ranks on gloo: rank 0 preprocesses, each rank seeds itself, negatives are gathered, only rank 0 writes."""
     overrides = {
         **SMALL_SSL,
         "dataset_dir": str(sample_dataset),
@@ -115,9 +115,11 @@ def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
         "max_epochs": 1,
         "epoch_length": 1,
     }
-    run_bundle(
+    proc = run_bundle(
         "training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides, cwd=SSL, python_args=TORCHRUN
     )
+    out = proc.stdout + proc.stderr
+    assert "rank 0: random seed 0 (base seed 0 + rank)" in out and "rank 1: random seed 1 (base seed 0 + rank)" in out
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1
     assert not any(k.startswith("module.") for k in state["model"])
