@@ -86,3 +86,28 @@ def test_metrics_json_scores_false_positives_zero_and_absent_null(tmp_path):
     assert metrics["mean_dice"] == pytest.approx((per_case.mean(0).sum() + 0.0) / 3, abs=1e-6)  # d left out
     assert engine.state.metrics["val_mean_dice"] == pytest.approx(metrics["mean_dice"], abs=1e-6)
     assert "predicted scores 0" in metrics["note"]
+
+
+@pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_msd"])
+def test_evaluation_repeats_the_inference_steps(bundle):
+    """evaluate.json retypes inference.json's image steps (no foreground crop) and its post-processing up to the
+    inversion, so that the Dice it reports is that of the label map inference writes; this catches drift."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / bundle / "configs"
+    evaluate = json.loads((configs / "evaluate.json").read_text())
+    inference = json.loads((configs / "inference.json").read_text())
+
+    def steps(transforms: list[dict], drop: tuple[str, ...]) -> list[dict]:
+        kept = [{k: v for k, v in t.items() if k not in ("keys", "orig_keys", "nearest_interp")} for t in transforms]
+        return [t for t in kept if t["_target_"] not in drop and not (t["_target_"] == "EnsureTyped" and "device" in t)]
+
+    assert steps(evaluate["validate#preprocessing#transforms"], ()) == steps(
+        inference["preprocessing"]["transforms"], ()
+    )
+    post = steps(evaluate["validate#postprocessing#transforms"], ("custom.evaluation.CheckSameGridd",))
+    expected = steps(inference["postprocessing"]["transforms"], ("SaveImaged",))
+    for t in expected:
+        if t["_target_"] == "Invertd":
+            t["transform"] = "@validate#preprocessing"
+    assert post[: len(expected)] == expected
