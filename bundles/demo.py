@@ -96,8 +96,8 @@ def _run_stage(name: str, cmd: list[str], log: Path, cwd: Path = BUNDLE) -> None
 def _dice_table(metrics: dict) -> str:
     rows = [f"{'organ':<26} {'Dice':>6}", "-" * 33]
     for organ, dice in metrics["class_dice"].items():
-        rows.append(f"{organ:<26} {'absent' if dice is None else f'{dice:.3f}':>6}")
-    rows += ["-" * 33, f"{'mean (organs present)':<26} {metrics['mean_dice']:.3f}"]
+        rows.append(f"{organ:<26} {'-' if dice is None else f'{dice:.3f}':>6}")
+    rows += ["-" * 33, f"{'mean (organs scored)':<26} {metrics['mean_dice']:.3f}"]
     return "\n".join(rows)
 
 

@@ -238,14 +238,33 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 6)
 
 
+#: the scoring rule, written into every ``metrics.json``
+NOTE = (
+    "Dice = 2|P&L|/(|P|+|L|) per case and class; a class absent from the label but predicted scores 0 "
+    "(false positive); null = absent from both label and prediction of that case, left out of the means; "
+    "mean_dice = mean over classes of each class's mean over cases"
+)
+
+
+def _ras(x: Any) -> Any:
+    """``x`` reoriented to RAS when it carries an affine (the picture's orientation), else unchanged."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    return Orientation("RAS")(x) if isinstance(x, MetaTensor) else x
+
+
 class EvaluationReport:
     """Write ``metrics.json`` (Dice per class by name, mean, per case) and a PNG per case.
 
     Reads the per-case, per-class scores the metric handler keeps (``save_details=True``) in
     ``engine.state.metric_details[metric_name]``, shape ``(cases, classes)``, already gathered across
-    DDP ranks by MONAI; case names are gathered here in the same order. A class absent from both
-    label and prediction of a case scores NaN there (MONAI's ``ignore_empty``): it is written as
-    ``null`` and left out of that class's mean.
+    DDP ranks by MONAI; case names are gathered here in the same order. The bundles' ``evaluate.json``
+    feeds it :class:`custom.evaluation.LabelDiceMetric` on the original label grid: a class the label
+    lacks but the prediction holds scores 0 (false positive); a class absent from both label and
+    prediction of a case scores NaN, written as ``null`` and left out of that class's mean (and a class
+    never scored is left out of ``mean_dice``). MONAI's ``MeanDice`` would hand it NaN for every class
+    the label lacks (``ignore_empty``), false positives included, so it is not used here.
 
     Args:
         output_dir: where ``metrics.json`` and the ``<case>.png`` pictures go.
@@ -300,14 +319,16 @@ class EvaluationReport:
             if self.save_png:
                 save_overlay_png(
                     self.output_dir / f"{case}.png",
-                    item[image_key],
-                    item[label_key],
-                    item[pred_key],
+                    _ras(item[image_key]),
+                    _ras(item[label_key]),
+                    _ras(item[pred_key]),
                     title=case,
                     background_channel=not self.include_background,
                 )
 
     def epoch_completed(self, engine: Engine) -> None:
+        from .evaluation import class_means
+
         details = engine.state.metric_details.get(self.metric_name)
         cases = string_list_all_gather(self._cases) if torch.distributed.is_initialized() else list(self._cases)
         if not is_main_process():
@@ -320,12 +341,11 @@ class EvaluationReport:
             raise ValueError(
                 f"{self.metric_name} has {scores.shape[1]} classes but metadata names {len(names)}: {names}"
             )
-        per_class = {n: _nan_to_none(torch.nanmean(scores[:, i]).item()) for i, n in enumerate(names)}
-        valid = [v for v in per_class.values() if v is not None]
+        class_mean, mean = class_means(scores)
         report = {
             "metric": "dice",
-            "mean_dice": _nan_to_none(sum(valid) / len(valid)) if valid else None,
-            "class_dice": per_class,
+            "mean_dice": _nan_to_none(mean.item()),
+            "class_dice": {n: _nan_to_none(v) for n, v in zip(names, class_mean.tolist(), strict=True)},
             "cases": [
                 {
                     "case": case,
@@ -334,7 +354,8 @@ class EvaluationReport:
                 }
                 for case, row in zip(cases, scores, strict=True)
             ],
-            "note": "null = class absent from both label and prediction of that case; left out of the means",
+            "grid": "original label grid (the prediction inverted onto each image's own grid, as inference writes it)",
+            "note": NOTE,
         }
         path = self.output_dir / "metrics.json"
         atomic_write(path, lambda f: f.write(json.dumps(report, indent=4)), mode="w")

@@ -123,13 +123,83 @@ def test_evaluate_writes_dice_by_organ_and_pictures(trained, tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["class_dice"]) == ORGANS
-    assert metrics["class_dice"]["esophagus"] is None  # not in the slab: absent, not zero
-    present = [v for v in metrics["class_dice"].values() if v is not None]
-    assert len(present) == 12 and all(0.0 <= v <= 1.0 for v in present)
-    assert metrics["mean_dice"] == pytest.approx(sum(present) / 12, abs=1e-5)
+    scored = [v for v in metrics["class_dice"].values() if v is not None]
+    assert len(scored) >= 12 and all(0.0 <= v <= 1.0 for v in scored)  # 12 organs in the slab, + false positives
+    assert metrics["mean_dice"] == pytest.approx(sum(scored) / len(scored), abs=1e-6)
+    assert "predicted scores 0" in metrics["note"] and "absent from both" in metrics["note"]
     assert [c["case"] for c in metrics["cases"]] == ["img0001"]
     png = Image.open(out / "img0001.png")
     assert png.mode == "RGB" and png.width > 2.5 * (png.height - 16)  # image | label | prediction
+
+
+def test_evaluate_reports_the_dice_of_the_written_label_map_on_the_label_grid(trained, sample_dataset, tmp_path):
+    """metrics.json is the Dice of the label map `run inference` writes for the same weights and image, scored
+    against the original label on its own grid; an organ the label lacks but the prediction holds scores 0
+    (a false positive), one absent from both is null."""
+    image = (sample_dataset / "imagesTr/img0001.nii.gz").resolve()
+    (tmp_path / "in").mkdir()
+    os.symlink(image, tmp_path / "in/img0001.nii.gz")
+    overrides = {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(tmp_path / "in")}
+    run_bundle("inference", ["configs/inference.json"], {**overrides, "output_dir": str(tmp_path / "seg")})
+    seg = np.asarray(nib.load(tmp_path / "seg/img0001_seg.nii.gz").dataobj).astype(np.int64)
+
+    # the label with the most predicted organ taken out: that organ is then a false positive by construction
+    original = nib.load(sample_dataset / "labelsTr/label0001.nii.gz")
+    label = np.rint(np.asarray(original.dataobj)).astype(np.int64)
+    false_positive = max(range(1, 14), key=lambda c: int((seg == c).sum()))
+    assert (seg == false_positive).any(), "the tiny model predicts no organ at all"
+    label[label == false_positive] = 0
+    data = tmp_path / "data"
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True)
+    os.symlink(image, data / "imagesTr/img0001.nii.gz")
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), original.affine), data / "labelsTr/label0001.nii.gz")
+    case = [{"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}]
+    (data / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
+    out = tmp_path / "eval"
+    run_bundle(
+        "evaluating",
+        ["configs/train.json", "configs/evaluate.json"],
+        {**trained["overrides"], "dataset_dir": str(data), "output_dir": str(out)},
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    assert seg.shape == label.shape  # the written label map lies on the label's own grid
+    expected = {}
+    for c, organ in enumerate(ORGANS, start=1):
+        p, g = seg == c, label == c
+        total = int(p.sum() + g.sum())
+        expected[organ] = None if total == 0 else 2.0 * int((p & g).sum()) / total
+    got = metrics["cases"][0]["dice"]
+    assert expected[ORGANS[false_positive - 1]] == 0.0 and got[ORGANS[false_positive - 1]] == 0.0
+    for organ, value in expected.items():
+        assert (got[organ] is None) if value is None else got[organ] == pytest.approx(value, abs=1e-6), organ
+    scored = [v for v in expected.values() if v is not None]
+    assert metrics["mean_dice"] == pytest.approx(sum(scored) / len(scored), abs=1e-6)
+    assert metrics["class_dice"] == got  # one case: the class means are its scores
+
+
+def test_loss_is_the_research_default_where_an_absent_class_still_counts():
+    """Research BTCV main.py: DiceCELoss(to_onehot_y, softmax), squared_pred off, smooth_nr = smooth_dr = 1e-5.
+    With smooth_nr 0 and squared_pred (the --squared_dice branch) an organ absent from a crop costs 1 whatever
+    the network predicts: no gradient, and a perfect prediction of "nothing here" is never rewarded."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BTCV / "configs" / "train.json"))
+    loss = parser.get_parsed_content("loss")
+    assert (loss.dice.squared_pred, loss.dice.smooth_nr, loss.dice.smooth_dr) == (False, 1e-5, 1e-5)
+    assert loss.dice.to_onehot_y and loss.dice.softmax and not loss.dice.batch
+
+    label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    label[..., :4] = 6  # liver and background only: 12 organs absent from this crop
+    perfect = 50.0 * torch.nn.functional.one_hot(label[:, 0], 14).movedim(-1, 1).double()
+    assert float(loss.dice(perfect, label)) < 1e-4  # "nothing here" predicted right costs nothing
+    logits = torch.randn(1, 14, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits.requires_grad_(True)
+    loss.dice.reduction = "none"
+    loss.dice(logits, label)[0, 13].sum().backward()  # the Dice term of one absent organ
+    assert float(logits.grad[:, 13].abs().sum()) > 0
 
 
 @pytest.fixture()

@@ -280,3 +280,41 @@ def test_region_labels_stay_binary_when_pixdim_resamples(tmp_path):
     assert label.shape[0] == 3 and np.allclose(label.pixdim, [3.0, 3.0, 3.0])
     assert set(torch.unique(label).tolist()) == {0.0, 1.0}
     assert [int(label[i].sum()) > 0 for i in range(3)] == [True, True, True]
+
+
+def test_brain_tumour_evaluation_scores_the_written_label_map_by_region(tmp_path):
+    """metrics.json holds the region Dice of the MSD label map `run inference` writes for the validation image,
+    against the label file on its own grid (both turned into TC/WT/ET); absent from both -> null, else 2|P&L|/(|P|+|L|).
+    """
+    folder = "Task01_BrainTumour"
+    shape, spacing, recipe_overrides = CASES[folder]
+    task = make_task(tmp_path, folder, shape=shape, spacing=spacing, cases=3, tests=1)
+    args = {**SMALL_MSD, **recipe_overrides, "dataset_dir": str(task), "ckpt_dir": str(tmp_path / "models")}
+    run_bundle(
+        "training", ["configs/train.json"], {**args, "max_epochs": 1, "epoch_length": 2, "val_interval": 1}, cwd=MSD
+    )
+    run_bundle(
+        "evaluating",
+        ["configs/train.json", "configs/evaluate.json"],
+        {**args, "output_dir": str(tmp_path / "e")},
+        cwd=MSD,
+    )
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+
+    [item] = msd_datalist(task, "validation", num_folds=5, fold=0)  # the bundle's default folds
+    (tmp_path / "in").mkdir()
+    image = Path(item["image"])
+    (tmp_path / "in" / image.name).symlink_to(image)
+    inference_args = {**args, "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "seg")}
+    run_bundle("inference", ["configs/inference.json"], inference_args, cwd=MSD)
+    [seg_file] = (tmp_path / "seg").glob("*_seg.nii.gz")
+    seg = np.rint(np.asarray(nib.load(seg_file).dataobj)).astype(int)
+    label = np.rint(np.asarray(nib.load(item["label"]).dataobj)).astype(int)
+    assert seg.shape == label.shape
+    got = metrics["cases"][0]["dice"]
+    for name, values in zip(load_task(task).class_names, BRATS_REGIONS.values(), strict=True):
+        p, g = np.isin(seg, list(values)), np.isin(label, list(values))
+        total = int(p.sum() + g.sum())
+        assert (
+            (got[name] is None) if total == 0 else got[name] == pytest.approx(2 * int((p & g).sum()) / total, abs=1e-6)
+        )
