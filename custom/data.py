@@ -222,9 +222,11 @@ def dicom_series_problem(folder: str | os.PathLike, accept_uneven_slices: bool =
     )
     text = f"{folder}: slices unevenly spaced ({len(files)} slices, {step:.4g} mm apart except {gaps})"
     if accept_uneven_slices:
+        even = (where[-1] - where[0]) / (len(files) - 1)
+        misplaced = float(np.abs(where - (where[0] + even * np.arange(len(files)))).max())
         logger.warning(
-            f"{text}; read as --accept_uneven_slices True asks: evenly spaced at "
-            f"{(where[-1] - where[0]) / (len(files) - 1):.4g} mm, slices misplaced by up to {step:.3g} mm"
+            f"{text}; read as --accept_uneven_slices True asks: evenly spaced at {even:.4g} mm, "
+            f"slices misplaced by up to {misplaced:.3g} mm"
         )
         return None
     return text + ". Refused: ITK would stack them evenly and misplace slices; --accept_uneven_slices True reads it so."
