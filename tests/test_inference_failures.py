@@ -161,3 +161,35 @@ def test_overwrite_and_uneven_slices_only_when_asked(tmp_path, sample_dir, untra
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"{tmp_path / 'taken'} is a file, not a folder" in text
     assert "Restored all variables" not in text and (tmp_path / "taken").read_text() == "a file"
+
+
+def test_msd_bad_case_in_worker_processes_is_named(tmp_path):
+    """MSD inference loads in 2 worker processes (its default): a failed load still reaches the summary."""
+    import torch
+    from conftest import REPO
+    from monai.networks.nets import SwinUNETR
+    from msd_tasks import make_task
+
+    task = make_task(tmp_path, "Task09_Spleen", cases=1, tests=2)
+    (tmp_path / "models").mkdir()
+    torch.save(SwinUNETR(in_channels=1, out_channels=2, feature_size=12).state_dict(), tmp_path / "models/model.pt")
+    good, bad = sorted((task / "imagesTs").glob("*.nii.gz"))
+    truncated(bad, bad)
+    out = tmp_path / "seg"
+    args = {
+        **{k: SMALL[k] for k in ("feature_size", "amp", "sw_batch_size", "overlap")},
+        "roi_size": [64, 64, 64],
+        "pixdim": [3.0, 3.0, 3.0],
+        "dataset_dir": str(task),
+        "ckpt_dir": str(tmp_path / "models"),
+        "input_dir": str(task / "imagesTs"),
+        "output_dir": str(out),
+        "preflight": False,
+    }
+    proc = run_bundle("inference", ["configs/inference.json"], args, cwd=REPO / "swin_unetr_msd", check=False)
+    text = proc.stdout + proc.stderr
+    assert (
+        proc.returncode != 0 and "inference summary: 2 case(s): 1 written, 0 skipped (output exists), 1 failed" in text
+    )
+    assert f"FAILED: {bad}: " in text
+    assert [p.name for p in out.iterdir()] == [good.name.replace(".nii.gz", "_seg.nii.gz")]
