@@ -82,8 +82,8 @@ class DataCheck:
         """
         self.problems, self.notes = [], []
         if self.items is not None:
-            files = [f"the {len(self.items)} input(s) in {self.dataset_dir}"]
-            cases = [("test", item) for item in self.items if SKIPPED not in item]
+            cases = [("test", item) for item in self.items if SKIPPED not in item]  # output kept: not read
+            files = [f"the {len(cases)} input(s) in {self.dataset_dir}"]
         else:
             files = [self.datalist] if isinstance(self.datalist, (str, os.PathLike)) else list(self.datalist)
             cases = [case for f in files for case in self._read_datalist(f)]
