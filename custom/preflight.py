@@ -4,8 +4,11 @@ MONAI has no counterpart: ``load_decathlon_datalist`` fails on the first missing
 volume otherwise surfaces as a crash inside a DataLoader worker hours into training.
 
 Used by the bundles' ``check_data`` run id and, unless ``--preflight False``, at the start of
-training. Reads each image header, and each label's voxels (label values, shapes) and each image's
-voxels (NaN/Inf): for BTCV-sized data a few seconds per case.
+training and inference. Reads each image and label in every format the bundles' ``LoadImaged`` reads:
+NIfTI with nibabel, ``.mha``/``.mhd``/``.nrrd`` and DICOM series folders with MONAI's ``ITKReader``
+(a DICOM folder is first checked for one evenly spaced series, :func:`custom.data.dicom_series_problem`).
+Checks shapes, 2-D images, label values and NaN/Inf in the voxels: for BTCV-sized data a few seconds
+per case.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from custom.cases import SKIPPED, reason
+from custom.data import dicom_series_problem
 
 __all__ = ["DataCheckError", "DataCheck"]
 
@@ -49,6 +55,8 @@ class DataCheck:
             but not that thin is noted: it is zero-padded to the ROI.
         in_channels: the image channels the bundle expects (the 4th dimension of a 4-D NIfTI, 1 for 3-D);
             None skips the check.
+        accept_uneven_slices: a DICOM series with missing or unevenly spaced slices is noted, not refused
+            (inference's ``--accept_uneven_slices True``).
     """
 
     datalist: str | Sequence[str] | None
@@ -62,6 +70,7 @@ class DataCheck:
     in_channels: int | None = None
     items: Sequence[dict] | None = None
     min_voxels: int = 8
+    accept_uneven_slices: bool = False
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -73,8 +82,8 @@ class DataCheck:
         """
         self.problems, self.notes = [], []
         if self.items is not None:
-            files = [f"the {len(self.items)} input(s) in {self.dataset_dir}"]
-            cases = [("test", item) for item in self.items]
+            cases = [("test", item) for item in self.items if SKIPPED not in item]  # output kept: not read
+            files = [f"the {len(cases)} input(s) in {self.dataset_dir}"]
         else:
             files = [self.datalist] if isinstance(self.datalist, (str, os.PathLike)) else list(self.datalist)
             cases = [case for f in files for case in self._read_datalist(f)]
@@ -139,15 +148,29 @@ class DataCheck:
 
     # -- one case ---------------------------------------------------------------------------------
     def _load(self, path: Path, what: str):
-        import nibabel as nib
-
+        """``(shape, zooms, affine, voxels)`` of an image or label, or None (the problem is recorded)."""
         try:
-            img = nib.load(str(path))
-            data = np.asanyarray(img.dataobj)
-        except Exception as e:  # nibabel raises many types for corrupt or truncated files
-            self.problems.append(f"{path}: unreadable {what} ({type(e).__name__}: {e})")
-            return None, None
-        return img, data
+            if path.name.endswith((".nii", ".nii.gz")):
+                import nibabel as nib
+
+                img = nib.load(str(path))
+                data = np.asanyarray(img.dataobj)
+                return data.shape, tuple(img.header.get_zooms()), img.affine, data
+            if path.is_dir():
+                problem = dicom_series_problem(path, self.accept_uneven_slices)
+                if problem:
+                    self.problems.append(problem)
+                    return None
+            from monai.data import ITKReader
+
+            reader = ITKReader()  # as LoadImaged reads .mha, .mhd, .nrrd and DICOM folders
+            data, meta = reader.get_data(reader.read(str(path)))
+            affine = np.asarray(meta["affine"], float)
+            zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)[: min(3, data.ndim)])
+            return data.shape, zooms, affine, data
+        except Exception as e:  # nibabel and ITK raise many types for corrupt or truncated files
+            self.problems.append(f"{path}: unreadable {what} ({reason(e)})")
+            return None
 
     def _check_case(self, section: str, item: dict) -> None:
         image_path = self._resolve(item["image"], "image")
@@ -156,10 +179,12 @@ class DataCheck:
             self.problems.append(f"{item['image']}: {section} entry has no 'label'")
         if image_path is None:
             return
-        if not image_path.name.endswith((".nii", ".nii.gz")):
-            return  # other formats are read by ITK at load time; only NIfTI is inspected here
-        img, data = self._load(image_path, "image")
-        if img is None:
+        loaded = self._load(image_path, "image")
+        if loaded is None:
+            return
+        shape, zooms, affine, data = loaded
+        if data.ndim < 3:
+            self.problems.append(f"{image_path}: a 2-D image (shape {tuple(shape)}), not a volume")
             return
         channels = data.shape[3] if data.ndim == 4 else 1
         if self.in_channels is not None and (data.ndim > 4 or channels != self.in_channels):
@@ -169,17 +194,18 @@ class DataCheck:
             )
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             self.problems.append(f"{image_path}: image holds NaN or Inf values")
-        self._check_size(image_path, img)
+        self._check_size(image_path, shape, zooms)
         if label_path is None:
             return
-        lab, labels = self._load(label_path, "label")
-        if lab is None:
+        loaded = self._load(label_path, "label")
+        if loaded is None:
             return
+        _, _, label_affine, labels = loaded
         if labels.shape[:3] != data.shape[:3]:
             self.problems.append(
                 f"{label_path}: label shape {labels.shape} differs from image shape {data.shape} ({image_path.name})"
             )
-        diff = float(np.abs(lab.affine - img.affine).max())
+        diff = float(np.abs(label_affine - affine).max())
         if diff > self.affine_tolerance:
             self.problems.append(
                 f"{label_path}: label affine differs from the image's by up to {diff:.4g} mm ({image_path.name}); "
@@ -195,10 +221,10 @@ class DataCheck:
                 f"{label_path}: label values {bad.tolist()[:10]} outside the bundle's classes 0..{self.num_classes - 1}"
             )
 
-    def _check_size(self, path: Path, img) -> None:
-        zooms = img.header.get_zooms()[:3]
+    def _check_size(self, path: Path, shape: Sequence[int], zooms: Sequence[float]) -> None:
+        zooms = zooms[:3]
         pixdim = zooms if self.pixdim is None else self.pixdim
-        resampled = [math.floor(n * z / p) for n, z, p in zip(img.shape[:3], zooms, pixdim, strict=False)]
+        resampled = [math.floor(n * z / p) for n, z, p in zip(shape[:3], zooms, pixdim, strict=False)]
         thin = [i for i, n in enumerate(resampled) if n < self.min_voxels]
         if thin:
             self.problems.append(

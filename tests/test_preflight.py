@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import SMALL, run_bundle
+from test_inference_failures import CT_UID, LOCALIZER_UID, truncated, write_series
 
+from custom.cases import SKIPPED
 from custom.preflight import DataCheck, DataCheckError
 
 
@@ -54,6 +57,14 @@ def broken_dataset(tmp_path) -> tuple[Path, dict[str, str]]:
     expect["unreadable image"] = "imagesTr/corrupt.nii.gz"
     case("thin", image=img[:, :, :2], label=lab[:, :, :2])  # two slices: not a volume
     expect["a slice or a scout"] = "imagesTr/thin.nii.gz"
+    case("corrupt_mha")  # formats ITK reads are read too
+    itk.imwrite(itk.imread(str(d / "imagesTr/corrupt_mha.nii.gz")), str(d / "imagesTr/corrupt_mha.mha"))
+    truncated(d / "imagesTr/corrupt_mha.mha", d / "imagesTr/corrupt_mha.mha")
+    cases[-1]["image"] = "imagesTr/corrupt_mha.mha"
+    expect["File cannot be read"] = "imagesTr/corrupt_mha.mha"
+    case("good_nrrd")  # a readable .nrrd beside its NIfTI label: no problem
+    itk.imwrite(itk.imread(str(d / "imagesTr/good_nrrd.nii.gz")), str(d / "imagesTr/good_nrrd.nrrd"))
+    cases[-1]["image"] = "imagesTr/good_nrrd.nrrd"
     cases.append({"image": "imagesTr/missing.nii.gz", "label": "labelsTr/good.nii.gz"})
     expect["image file not found"] = "imagesTr/missing.nii.gz"
     cases.append({"image": "../outside.nii.gz", "label": "labelsTr/good.nii.gz"})
@@ -74,7 +85,7 @@ def test_check_data_command_lists_every_problem_and_writes_nothing(broken_datase
         assert any(problem in line and file in line for line in text.splitlines()), f"not reported: {problem} ({file})"
     problem_lines = text.split("problem(s) in")[1].split("Traceback")[0].splitlines()[1 : len(expect) + 1]
     assert len(problem_lines) == len(expect)
-    assert not [line for line in problem_lines if "good.nii.gz" in line.split(":")[0]]  # the good case is clean
+    assert not [line for line in problem_lines if "good" in line.split(":")[0]]  # the good cases are clean
 
     # training runs the same check first: it stops before building anything or writing a file
     proc = run_bundle("training", ["configs/train.json"], {**overrides, "max_epochs": 1}, check=False)
@@ -112,3 +123,35 @@ def test_small_volume_is_noted_not_refused(tmp_path, caplog):
     with caplog.at_level("INFO", logger="custom.preflight"):
         assert c.run() == 1
     assert "smaller than roi_size" in caplog.text and "zero-padded" in caplog.text
+
+
+def test_inference_inputs_of_every_format_are_read(tmp_path, sample_dir):
+    """.mha, .nrrd and DICOM series are read like NIfTI; 2-D images, split or gapped series named; skipped not read."""
+    slab = sample_dir / "ct_slab.nii.gz"
+    itk.imwrite(itk.imread(str(slab)), str(tmp_path / "good.mha"))
+    itk.imwrite(itk.imread(str(slab)), str(tmp_path / "good.nrrd"))
+    truncated(tmp_path / "good.mha", tmp_path / "truncated.mha")
+    save(tmp_path / "flat.nii.gz", np.zeros((40, 40), np.float32))
+    itk.imwrite(itk.image_from_array(np.zeros((40, 40), np.int16)), str(tmp_path / "flat.mha"))
+    write_series(slab, tmp_path / "dicom")
+    write_series(slab, tmp_path / "two")
+    write_series(slab, tmp_path / "two", LOCALIZER_UID, range(10), prefix="loc")
+    write_series(slab, tmp_path / "gap", slices=[i for i in range(30) if i not in (3, 4)])
+    names = ["good.mha", "good.nrrd", "dicom", "truncated.mha", "flat.nii.gz", "flat.mha", "two", "gap"]
+    items = [{"image": str(tmp_path / n)} for n in names] + [{"image": str(tmp_path / "gone.mha"), SKIPPED: "x"}]
+
+    def problems(**kwargs) -> list[str]:
+        c = DataCheck(
+            None, str(tmp_path), 14, (64, 64, 64), (3.0, 3.0, 3.0), require_labels=False, items=items, **kwargs
+        )
+        with pytest.raises(DataCheckError):
+            c.run()
+        return c.problems
+
+    found = problems()
+    assert [p.split(":")[0] for p in found] == [str(tmp_path / n) for n in names[3:]]  # the good ones pass
+    assert "unreadable image" in found[0] and "corrupt or truncated" in found[0]
+    assert "a 2-D image (shape (40, 40))" in found[1] and "a 2-D image" in found[2]
+    assert f"holds 2 DICOM series: SeriesInstanceUID {CT_UID} (30 files); SeriesInstanceUID {LOCALIZER_UID}" in found[3]
+    assert "9 mm between slice002.dcm and slice005.dcm (about 2 slice(s) missing)" in found[4]
+    assert [p.split(":")[0] for p in problems(accept_uneven_slices=True)] == [str(tmp_path / n) for n in names[3:7]]
