@@ -8,10 +8,12 @@ the best-metric state, and silently starts over when the saved run had already f
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,7 +45,12 @@ def _module(obj: Any) -> Any:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used to resume, or would overwrite weights this run did not write; names the file."""
+    """A checkpoint cannot be used to resume; the message names the file and the fix."""
+
+
+def _copy_into(src: Path, f: Any) -> None:
+    with open(src, "rb") as source:
+        shutil.copyfileobj(source, f)
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -99,12 +106,14 @@ class TrainingCheckpoint:
     ``max_epochs`` is refused (raise ``max_epochs`` to train longer). With ``resume=False`` the files
     named in ``protect`` are renamed aside (``<name>.<timestamp>.bak``), never overwritten.
 
-    Weights this run did not write are never replaced: with ``resume`` and no checkpoint, another file
-    of ``protect`` (a ``model.pt`` a user put there for MONAI Label, or the one left after deleting a
-    broken checkpoint) stops the run at the start, naming it. Refusing rather than keeping a ``.bak``
-    beside it: the run would train from scratch and put its first, poor best model where MONAI Label
-    and the other commands read the user's, which a ``.bak`` nobody looks at would not undo;
-    ``--resume False`` says "start over" and keeps the old files as ``.bak``.
+    Weights this run did not write are never lost: with ``resume`` and no checkpoint, another file of
+    ``protect`` (a ``model.pt`` a user put there for MONAI Label, or the one left after deleting a
+    broken checkpoint) is copied to ``<name>.<timestamp>.bak`` at the start, with a warning naming
+    both; the original stays in place until this run's best model replaces it. A copy rather than
+    a refusal: MONAI Label's bundle training inserts a ``CheckpointLoader`` for ``models/model.pt``
+    and expects the run to write its new best there, which a refusal would break; a copy rather than
+    a rename, so that whatever serves ``model.pt`` keeps finding it while this run trains. An
+    identical ``.bak`` already there (a run restarted before its first checkpoint) is not repeated.
 
     Errors name the file and the fix in one line (:class:`CheckpointError`): an empty, truncated or
     unsafe checkpoint, weights of another ``feature_size`` (read from the saved tensor shapes) or
@@ -205,14 +214,7 @@ class TrainingCheckpoint:
             self._set_aside()
             return
         if not self.path.is_file():
-            foreign = [n for n in self.protect if n != self.path.name and (self.path.parent / n).is_file()]
-            if foreign:
-                old = self.path.parent / foreign[0]
-                raise CheckpointError(
-                    f"{old} exists but {self.path.name} does not: this run would train from the start and replace "
-                    f"it at its first validation. To start over and keep it as {foreign[0]}.<time>.bak pass "
-                    f"--resume False; to keep it where it is, use another --ckpt_dir (or move it away first)."
-                )
+            self._keep_copies()
             logger.info(f"no {self.path}: training from the start")
             return
         ckpt = self._read()
@@ -283,6 +285,26 @@ class TrainingCheckpoint:
                 f"{self.path}: its {name!r} state does not fit this run ({_one_line(e, 200)}). Resume with the "
                 "settings it was trained with, or pass --resume False to start over (it is then kept as a .bak)."
             ) from None
+
+    def _keep_copies(self) -> None:
+        """Copy the files of ``protect`` that no checkpoint accounts for to ``.bak`` (see the class docstring)."""
+        if not is_main_process():
+            return
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        for name in self.protect:
+            old = self.path.parent / name
+            if name == self.path.name or not old.is_file():
+                continue
+            same = [b for b in sorted(old.parent.glob(f"{name}.*.bak")) if filecmp.cmp(old, b, shallow=False)]
+            if same:
+                logger.warning(f"{old} was not written by this run (no {self.path.name}); a copy is in {same[0]}")
+                continue
+            copy = old.with_name(f"{name}.{stamp}.bak")
+            atomic_write(copy, lambda f, src=old: _copy_into(src, f))
+            logger.warning(
+                f"{old} was not written by this run (no {self.path.name} beside it): kept a copy as {copy}; "
+                f"this run's best model will replace {name}"
+            )
 
     def _set_aside(self) -> None:
         if not is_main_process():

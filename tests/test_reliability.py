@@ -242,6 +242,28 @@ def _one_step_epochs(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
     }
 
 
+def test_checked_thread_loader_raises_what_its_thread_met(tmp_path):
+    from monai.transforms import Compose, Lambdad
+
+    from custom.train_data import CaseLoadError, CheckedCacheDataset, CheckedThreadDataLoader
+
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"")
+
+    def load(path):
+        if path == str(bad):
+            raise EOFError("Compressed file ended")
+        return 1.0
+
+    items = [{"image": str(tmp_path)}, {"image": str(bad)}]
+    data = CheckedCacheDataset(items, Compose([Lambdad("image", load)]), section="training", cache_rate=0.0)
+    seen = []
+    with pytest.raises(CaseLoadError, match=r"image .*bad.nii.gz: failed in Lambdad \(EOFError: Compressed file"):
+        for batch in CheckedThreadDataLoader(data, batch_size=1):
+            seen.append(batch)
+    assert len(seen) == 1  # the batch made before the failure, then the error, not a quiet end
+
+
 @pytest.fixture(scope="module")
 def stopped_at_bad_case(tmp_path_factory, sample_dataset) -> dict:
     """Train on [good, truncated .nii.gz] in that order, one case per epoch, uncached, without preflight."""
@@ -275,16 +297,19 @@ def test_training_names_a_truncated_mha_while_caching(tmp_path, sample_dataset):
     assert "training case 2 of 2" in text and not (tmp_path / "models" / "checkpoint.pt").exists()
 
 
-def test_a_model_pt_without_checkpoint_is_never_replaced(tmp_path, sample_dataset):
+def test_a_model_pt_without_checkpoint_is_kept_beside_the_new_one(tmp_path, sample_dataset):
+    # before: training from scratch replaced it at its first validation, no copy kept
     models = tmp_path / "models"
     models.mkdir()
     torch.save({"out.conv.conv.weight": torch.ones(14, 12, 1, 1, 1)}, models / "model.pt")  # the user's weights
     before = sha256(models / "model.pt")
-    proc = run_bundle("training", ["configs/train.json"], _one_step_epochs(tmp_path, sample_dataset), check=False)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert f"{models / 'model.pt'} exists but checkpoint.pt does not" in text and "--resume False" in text
-    assert sorted(os.listdir(models)) == ["model.pt"] and sha256(models / "model.pt") == before
+    proc = run_bundle("training", ["configs/train.json"], _one_step_epochs(tmp_path, sample_dataset, val_interval=1))
+    backups = list(models.glob("model.pt.*.bak"))
+    assert len(backups) == 1 and sha256(backups[0]) == before
+    assert f"{models / 'model.pt'} was not written by this run (no checkpoint.pt beside it): kept a copy as" in (
+        proc.stdout + proc.stderr
+    )
+    assert sha256(models / "model.pt") != before  # this run's best replaced it, the user's is beside it
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
