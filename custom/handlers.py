@@ -8,10 +8,12 @@ the best-metric state, and silently starts over when the saved run had already f
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +27,14 @@ from .utils import atomic_torch_save, atomic_write, is_main_process
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["TrainingCheckpoint", "BestModelSaver", "EvaluationReport", "NonFiniteLossError", "StopOnNonFiniteLoss"]
+__all__ = [
+    "TrainingCheckpoint",
+    "CheckpointError",
+    "BestModelSaver",
+    "EvaluationReport",
+    "NonFiniteLossError",
+    "StopOnNonFiniteLoss",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +42,58 @@ logger = logging.getLogger(__name__)
 def _module(obj: Any) -> Any:
     """The model inside a DDP/DataParallel wrapper, so checkpoints carry no ``module.`` prefix."""
     return obj.module if isinstance(obj, torch.nn.Module) and hasattr(obj, "module") else obj
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used to resume; the message names the file and the fix."""
+
+
+def _copy_into(src: Path, f: Any) -> None:
+    with open(src, "rb") as source:
+        shutil.copyfileobj(source, f)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _state_mismatch(path: Path, name: str, network: torch.nn.Module, saved: Mapping[str, Any]) -> str:
+    """One line on why ``saved`` does not fit ``network``: the feature_size it was trained with, when that is it.
+
+    A Swin UNETR's (and the SSL head's) ``patch_embed.proj.weight`` has ``feature_size`` output channels,
+    so the saved value is read from that tensor's shape instead of PyTorch's dump of every mismatch.
+    """
+    current = network.state_dict()
+    embed = [k for k in saved if k.endswith("patch_embed.proj.weight") and k in current]
+    if embed:
+        key = embed[0]
+        was, now = int(saved[key].shape[0]), int(current[key].shape[0])
+        if was != now:
+            return (
+                f"{path} was trained with feature_size={was} ({key} has {was} output channels), this run builds "
+                f"feature_size={now}: pass --feature_size {was} to resume it, or --resume False to start over "
+                "(the checkpoint is then kept as a .bak file)."
+            )
+    differ = [k for k in saved if k in current and tuple(saved[k].shape) != tuple(current[k].shape)]
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    parts = []
+    if differ:
+        k = differ[0]
+        parts.append(
+            f"{len(differ)} tensors differ in shape (first: {k} saved {list(saved[k].shape)}, "
+            f"this network {list(current[k].shape)})"
+        )
+    if missing:
+        parts.append(f"{len(missing)} of this network's tensors missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unknown tensors (first: {unexpected[0]})")
+    return (
+        f"{path}: its {name!r} weights do not fit this network ({'; '.join(parts)}). Resume with the settings it "
+        "was trained with (feature_size, in/out channels, network options), or pass --resume False to start over "
+        "(the checkpoint is then kept as a .bak file)."
+    )
 
 
 class TrainingCheckpoint:
@@ -44,6 +105,20 @@ class TrainingCheckpoint:
     restored and training goes on from the saved epoch; a file whose run already reached
     ``max_epochs`` is refused (raise ``max_epochs`` to train longer). With ``resume=False`` the files
     named in ``protect`` are renamed aside (``<name>.<timestamp>.bak``), never overwritten.
+
+    Weights this run did not write are never lost: with ``resume`` and no checkpoint, another file of
+    ``protect`` (a ``model.pt`` a user put there for MONAI Label, or the one left after deleting a
+    broken checkpoint) is copied to ``<name>.<timestamp>.bak`` at the start, with a warning naming
+    both; the original stays in place until this run's best model replaces it. A copy rather than
+    a refusal: MONAI Label's bundle training inserts a ``CheckpointLoader`` for ``models/model.pt``
+    and expects the run to write its new best there, which a refusal would break; a copy rather than
+    a rename, so that whatever serves ``model.pt`` keeps finding it while this run trains. An
+    identical ``.bak`` already there (a run restarted before its first checkpoint) is not repeated.
+
+    Errors name the file and the fix in one line (:class:`CheckpointError`): an empty, truncated or
+    unsafe checkpoint, weights of another ``feature_size`` (read from the saved tensor shapes) or
+    network, optimizer state that does not fit. When training stops on any error after the start, the
+    log says what the checkpoint on disk still holds (it is only written at the end of an epoch).
 
     Args:
         save_dir: the bundle's ``ckpt_dir``.
@@ -79,6 +154,8 @@ class TrainingCheckpoint:
         self.validator = validator
         self.protect = tuple(protect)
         self._saved_iteration = -1
+        self._saved_epoch: int | None = None
+        self._reported: BaseException | None = None
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -87,6 +164,29 @@ class TrainingCheckpoint:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.stopped)
+
+    def stopped(self, engine: Engine, error: BaseException) -> None:
+        """Log what the checkpoint on disk still holds, then re-raise ``error`` (the command exits non-zero).
+
+        ignite re-raises an exception itself only when no handler is registered for EXCEPTION_RAISED,
+        so this handler raises it again.
+        """
+        reported, self._reported = self._reported, error  # ignite fires EXCEPTION_RAISED once per level it unwinds
+        said = isinstance(error, (CheckpointError, NonFiniteLossError))  # their messages say it already
+        if error is not reported and not said and is_main_process():
+            where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+            if self._saved_epoch is not None:
+                kept = f"{self.path} still holds epoch {self._saved_epoch} (written before the error)"
+            elif self.path.is_file():
+                kept = f"{self.path} is unchanged"
+            else:
+                kept = "no checkpoint had been written yet"
+            logger.error(
+                f"training stopped at {where} by a {type(error).__name__} (its message is above and below); "
+                f"{kept}. Fix the cause and run the same command to resume."
+            )
+        raise error
 
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         state = {k: _module(v).state_dict() for k, v in self.save_dict.items()}
@@ -106,6 +206,7 @@ class TrainingCheckpoint:
         self._saved_iteration = engine.state.iteration
         if is_main_process():
             atomic_torch_save(self.state_dict(engine), self.path)
+            self._saved_epoch = engine.state.epoch
             logger.info(f"saved {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
     def load(self, engine: Engine) -> None:
@@ -113,24 +214,28 @@ class TrainingCheckpoint:
             self._set_aside()
             return
         if not self.path.is_file():
+            self._keep_copies()
             logger.info(f"no {self.path}: training from the start")
             return
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        ckpt = self._read()
         missing = [k for k in self.save_dict if k not in ckpt]
         if missing:
-            raise RuntimeError(f"{self.path} lacks {missing}: not a checkpoint of this bundle; use --resume False.")
+            raise CheckpointError(
+                f"{self.path} lacks {missing}: not a checkpoint of this bundle; pass --resume False to start over "
+                "(it is then kept as a .bak file)."
+            )
         saved = ckpt["trainer"]
         max_epochs = engine.state.max_epochs
         saved_epoch = int(saved.get("epoch", saved["iteration"] // max(saved["epoch_length"], 1)))
         if saved_epoch >= max_epochs:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{self.path} is from a run that already finished {saved_epoch} of max_epochs={max_epochs} epochs. "
                 f"To train longer pass a larger --max_epochs; to start over pass --resume False "
                 "(the old checkpoint.pt and model.pt are then kept as .bak files)."
             )
         for k, obj in self.save_dict.items():
             if k != "trainer":
-                _module(obj).load_state_dict(ckpt[k])
+                self._restore(k, _module(obj), ckpt[k])
         engine.load_state_dict(saved)
         engine.state.max_epochs = max_epochs
         scaler = getattr(engine, "scaler", None)
@@ -143,6 +248,63 @@ class TrainingCheckpoint:
             f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration} "
             f"(pass --resume False to start over)"
         )
+
+    def _read(self) -> dict[str, Any]:
+        """The checkpoint's content; an empty, truncated or unsafe file is named with its fix."""
+        size = self.path.stat().st_size
+        try:
+            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if "Weights only load failed" in str(e):
+                raise CheckpointError(
+                    f"{self.path}: refused to load, it holds objects other than tensors and plain values "
+                    f"(Weights only load failed: {_one_line(e, 200)}). Not a checkpoint of this bundle; pass "
+                    "--resume False to start over (it is then kept as a .bak file)."
+                ) from None
+            what = "empty (0 bytes)" if size == 0 else f"truncated or damaged ({size} bytes; {_one_line(e, 160)})"
+            raise CheckpointError(
+                f"{self.path} is {what}: it cannot be resumed from (an interrupted copy or a full disk?). Pass "
+                "--resume False to start over (it is then kept as a .bak file), or put back a complete copy."
+            ) from None
+        if not isinstance(ckpt, Mapping):
+            raise CheckpointError(
+                f"{self.path} holds a {type(ckpt).__name__}, not a checkpoint of this bundle; pass --resume False "
+                "to start over (it is then kept as a .bak file)."
+            )
+        return dict(ckpt)
+
+    def _restore(self, name: str, obj: Any, state: Any) -> None:
+        """``obj.load_state_dict(state)``, with a mismatch said in one line naming the file."""
+        try:
+            obj.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            if isinstance(obj, torch.nn.Module) and isinstance(state, Mapping):
+                # from None: PyTorch's message lists every mismatching tensor (678 lines for a feature_size change)
+                raise CheckpointError(_state_mismatch(self.path, name, obj, state)) from None
+            raise CheckpointError(
+                f"{self.path}: its {name!r} state does not fit this run ({_one_line(e, 200)}). Resume with the "
+                "settings it was trained with, or pass --resume False to start over (it is then kept as a .bak)."
+            ) from None
+
+    def _keep_copies(self) -> None:
+        """Copy the files of ``protect`` that no checkpoint accounts for to ``.bak`` (see the class docstring)."""
+        if not is_main_process():
+            return
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        for name in self.protect:
+            old = self.path.parent / name
+            if name == self.path.name or not old.is_file():
+                continue
+            same = [b for b in sorted(old.parent.glob(f"{name}.*.bak")) if filecmp.cmp(old, b, shallow=False)]
+            if same:
+                logger.warning(f"{old} was not written by this run (no {self.path.name}); a copy is in {same[0]}")
+                continue
+            copy = old.with_name(f"{name}.{stamp}.bak")
+            atomic_write(copy, lambda f, src=old: _copy_into(src, f))
+            logger.warning(
+                f"{old} was not written by this run (no {self.path.name} beside it): kept a copy as {copy}; "
+                f"this run's best model will replace {name}"
+            )
 
     def _set_aside(self) -> None:
         if not is_main_process():

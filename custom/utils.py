@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save", "is_main_process", "class_names_from_metadata"]
+__all__ = ["atomic_write", "atomic_torch_save", "DiskFullError", "is_main_process", "class_names_from_metadata"]
 
 
 def is_main_process() -> bool:
@@ -21,11 +23,31 @@ def is_main_process() -> bool:
     )
 
 
+class DiskFullError(OSError):
+    """A save ran out of disk space (ENOSPC or a quota); the message names the folder and the file kept."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or one of its causes is "no space left" (torch.save reports it as a RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write ``path`` through ``write(fileobj)`` into a temporary file beside it, fsync, then rename.
 
     A process killed mid-write leaves the previous ``path`` intact (rename is atomic on POSIX);
     the temporary file is removed on any error.
+
+    Raises:
+        DiskFullError: the disk holding ``path`` is full. ``torch.save`` buries the ``ENOSPC`` under
+            "[enforce fail at inline_container.cc] unexpected pos"; this says it in one line, with
+            the folder, and that the previous ``path`` is unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,10 +59,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        if not _disk_full(e):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path} is intact" if path.exists() else f"{path} was not written"
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"the disk at {path.parent} is full ({free / 2**20:.1f} MiB free): could not save {path.name}; {kept}. "
+            "Free space there (or point the run at another folder), then run the same command again",
+        ) from e
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
