@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save", "DiskFullError", "is_main_process", "class_names_from_metadata"]
+__all__ = [
+    "atomic_write",
+    "atomic_torch_save",
+    "DiskFullError",
+    "is_main_process",
+    "class_names_from_metadata",
+    "seed_everything",
+]
 
 
 def is_main_process() -> bool:
@@ -99,9 +106,6 @@ def class_names_from_metadata(meta_file: str | os.PathLike, output: str = "pred"
 
 
 # -- per-rank seeding -----------------------------------------------------------------------------
-__all__ += ["seed_everything"]
-
-
 def seed_everything(seed: int | None, rank: int | None = None) -> int | None:
     """Seed torch, numpy and Python's ``random`` with ``seed + rank``, through MONAI's ``set_determinism``.
 
