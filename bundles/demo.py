@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .sample_data import DEFAULT_SAMPLE_DIR, prepare_sample_dataset
 
-__all__ = ["DEMO_OVERRIDES", "DEMO_TRAINING", "bundle_command", "cli_args", "run_demo"]
+__all__ = ["DEMO_OVERRIDES", "DEMO_RUNTIME", "DEMO_TRAINING", "bundle_command", "cli_args", "run_demo"]
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "swin_unetr_btcv"
@@ -43,6 +43,9 @@ DEMO_OVERRIDES = {
     "amp": False,
     "num_workers": 0,
 }
+#: what evaluation and inference are given: run-time choices only; the sizes come from the recipe saved in
+#: model.pt by the fine-tuning (``custom.recipe``), so they are typed once, for training
+DEMO_RUNTIME = {k: DEMO_OVERRIDES[k] for k in ("amp", "num_workers")}
 #: training schedule of the demo: steps = epochs x epoch_length, two 64^3 crops per step
 DEMO_TRAINING = {
     "max_epochs": 6,
@@ -126,14 +129,14 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
         ("fine-tune", bundle_command("training", ["configs/train.json"], finetune)),
         (
             "evaluate",
-            bundle_command("evaluating", ["configs/train.json", "configs/evaluate.json"], {**paths, **DEMO_OVERRIDES}),
+            bundle_command("evaluating", ["configs/train.json", "configs/evaluate.json"], {**paths, **DEMO_RUNTIME}),
         ),
         (
             "segment ct_full",
             bundle_command(
                 "inference",
                 ["configs/inference.json"],
-                {**paths, "output_dir": str(work_dir / "segmentations"), **DEMO_OVERRIDES},
+                {**paths, "output_dir": str(work_dir / "segmentations"), **DEMO_RUNTIME},
             ),
         ),
     ]

@@ -13,8 +13,8 @@ What it does, in order (every step bounded in time; the server is always stopped
    environment through ``python -m monai.bundle run training`` on the sample dataset;
 3. assembles a ``monaibundle`` app in a temporary folder: the sample app from the MONAI Label package,
    a stand-alone copy of ``swin_unetr_btcv`` (links followed) under ``model/swin_unetr_btcv/`` with
-   that ``models/model.pt``, and the tiny model's sizes written into the COPY's
-   ``configs/inference.json`` (the repository's configs are never touched);
+   that ``models/model.pt``, its configs untouched: the recipe saved in ``model.pt`` (``custom.recipe``)
+   gives MONAI Label the tiny model's feature_size, ROI and spacing, nothing is retyped by hand;
 4. starts ``monailabel start_server`` (as ``<venv>/bin/python -m monailabel.main``, see ``Server.start``)
    on 127.0.0.1 with a free port, no network needed
    (``--conf zoo_source github`` and ``BUNDLE_DOWNLOAD_SRC=github``: the default zoo source is
@@ -71,11 +71,16 @@ WEIGHTS_MISMATCH = "Checkpoint keys don't match"
 #: (1.0 measured; the margin is for argmax ties that float rounding may break differently)
 MIN_AGREEMENT = 0.999
 
-#: the tiny model: the demo's sizes (``bundles/demo.py`` ``DEMO_OVERRIDES``), written into the app's copy
-TINY_SIZES = {"feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0], "amp": False}
+#: the tiny model: the demo's sizes (``bundles/demo.py`` ``DEMO_OVERRIDES``), given to training only; the
+#: recipe saved in ``model.pt`` carries them to the server and to the bundle's own ``run inference``
+TINY_SIZES = {"feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]}
+#: a run-time choice, not part of the recipe: MONAI Label runs the network in float32, so the bundle's own
+#: ``run inference`` does too for the comparison
+INFERENCE_RUNTIME = {"amp": False, "num_workers": 0}
 #: training of the tiny model: 1 epoch of 1 step, one crop, validation at its end (writes models/model.pt)
 TINY_TRAINING = {
     **TINY_SIZES,
+    "amp": False,
     "num_workers": 0,
     "use_checkpoint": False,
     "max_epochs": 1,
@@ -224,7 +229,17 @@ def train_tiny_model(project_python: str, work: Path, timeout: float) -> Path:
 # 3. the app
 
 
-def assemble_app(venv: Path, model: Path, work: Path) -> tuple[Path, Path]:
+def recipe_of(project_python: str, model: Path) -> dict:
+    """The recipe saved in ``model`` (``{"model": ..., "recipe": ...}``), read by the project's environment."""
+    code = "import json, sys, torch; print(json.dumps(torch.load(sys.argv[1], weights_only=True).get('recipe')))"
+    out = run([project_python, "-c", code, model], "reading the recipe of model.pt", 120, env=clean_env())
+    recipe = json.loads(out.stdout.strip().splitlines()[-1])
+    if not isinstance(recipe, dict):
+        raise CheckFailedError(f"{model} carries no recipe: MONAI Label would serve it with the config's sizes")
+    return recipe
+
+
+def assemble_app(venv: Path, model: Path, work: Path, project_python: str) -> tuple[Path, Path]:
     """``work/app`` (monaibundle + a stand-alone bundle copy with the tiny model) and ``work/studies``."""
     app = work / "app"
     shutil.copytree(find_sample_app(venv), app, ignore=shutil.ignore_patterns("__pycache__"))
@@ -235,13 +250,10 @@ def assemble_app(venv: Path, model: Path, work: Path) -> tuple[Path, Path]:
         raise CheckFailedError(f"{dst / 'custom'} is not a real copy of custom/")
     (dst / "models").mkdir()
     shutil.copy2(model, dst / "models" / "model.pt")
-    cfg_path = dst / "configs" / "inference.json"
-    cfg = json.loads(cfg_path.read_text())
-    for k, v in TINY_SIZES.items():
-        if k not in cfg:
-            raise CheckFailedError(f"{cfg_path}: no {k!r} to override")
-        cfg[k] = v
-    cfg_path.write_text(json.dumps(cfg, indent=4) + "\n")
+    recipe = recipe_of(project_python, dst / "models" / "model.pt")
+    wrong = {k: (recipe.get(k), v) for k, v in TINY_SIZES.items() if recipe.get(k) != v}
+    if wrong:
+        raise CheckFailedError(f"{model}: the saved recipe does not hold the trained sizes (saved, trained): {wrong}")
     studies = work / "studies"
     studies.mkdir()
     shutil.copy2(SAMPLE_DIR / f"{STUDY_ID}.nii.gz", studies / f"{STUDY_ID}.nii.gz")
@@ -413,7 +425,7 @@ print(json.dumps({
 def bundle_inference(project_python: str, bundle: Path, studies: Path, out_dir: Path, timeout: float) -> Path:
     """The same segmentation through the bundle's own ``run inference`` on the app's copy (same configs, weights)."""
     cmd = [project_python, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json"]
-    cmd += cli_args({"input_dir": str(studies), "output_dir": str(out_dir), "num_workers": 0})
+    cmd += cli_args({"input_dir": str(studies), "output_dir": str(out_dir), **INFERENCE_RUNTIME})
     run(cmd, "the bundle's own run inference", timeout, cwd=bundle, env=clean_env())
     seg = out_dir / f"{STUDY_ID}_seg.nii.gz"
     if not seg.is_file():
@@ -482,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["tiny model training"] = f"{time.monotonic() - t0:.0f} s"
 
         # 3. app
-        app, studies = assemble_app(venv, model, work)
+        app, studies = assemble_app(venv, model, work, args.project_python)
         log(f"app assembled in {app}")
 
         # 4. server

@@ -129,6 +129,7 @@ class TrainingCheckpoint:
         save_interval: epochs between saves.
         validator: the evaluator whose ``best_metric``/``best_metric_epoch`` are kept.
         protect: files in ``save_dir`` set aside on a fresh start.
+        recipe: saved as ``"recipe"`` in the file (``custom.recipe``: what produced these weights).
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class TrainingCheckpoint:
         save_interval: int = 1,
         validator: Engine | None = None,
         protect: Sequence[str] = ("checkpoint.pt", "model.pt"),
+        recipe: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(resume, bool):
             raise TypeError(
@@ -153,6 +155,7 @@ class TrainingCheckpoint:
         self.save_interval = int(save_interval)
         self.validator = validator
         self.protect = tuple(protect)
+        self.recipe = recipe
         self._saved_iteration = -1
         self._saved_epoch: int | None = None
         self._reported: BaseException | None = None
@@ -198,6 +201,8 @@ class TrainingCheckpoint:
                 "best_metric": float(self.validator.state.best_metric),
                 "best_metric_epoch": int(self.validator.state.best_metric_epoch),
             }
+        if self.recipe is not None:
+            state["recipe"] = dict(self.recipe)
         return state
 
     def save(self, engine: Engine) -> None:
@@ -328,6 +333,7 @@ class BestModelSaver:
         filename: ``model.pt`` for the fine-tuning bundles.
         state_transform: maps the plain state_dict to what is saved (the SSL bundle writes the
             released ``model_swinvit.pt`` layout); None saves the state_dict itself.
+        recipe: saved with the weights (``custom.recipe.with_recipe``): ``{"model": state_dict, "recipe": ...}``.
     """
 
     def __init__(
@@ -336,10 +342,12 @@ class BestModelSaver:
         network: torch.nn.Module,
         filename: str = "model.pt",
         state_transform: Callable[[dict], Any] | None = None,
+        recipe: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.network = network
         self.state_transform = state_transform
+        self.recipe = recipe
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -348,8 +356,11 @@ class BestModelSaver:
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch == engine.state.epoch and is_main_process():
+            from .recipe import with_recipe
+
             state = _module(self.network).state_dict()
-            atomic_torch_save(state if self.state_transform is None else self.state_transform(state), self.path)
+            payload = state if self.state_transform is None else self.state_transform(state)
+            atomic_torch_save(with_recipe(payload, self.recipe), self.path)
             logger.info(
                 f"saved {self.path}: best {engine.state.key_metric_name} {engine.state.best_metric:.4f} "
                 f"at epoch {engine.state.epoch}"

@@ -508,18 +508,31 @@ class SSLLoss(nn.Module):
         )
 
 
-def ssl_state_to_released(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def ssl_state_to_released(
+    state: dict[str, torch.Tensor], legacy_merging: bool = False, recipe: dict | None = None
+) -> dict[str, dict]:
     """An :class:`SSLHead` state_dict in the layout of the paper's released ``model_swinvit.pt``.
 
     Encoder tensors get the released names (``module.layers1.0.blocks.0.mlp.fc1.weight``, ...), so the
     file loads into the BTCV/MSD bundles' ``pretrained_path`` with every encoder tensor matched; the
     heads follow under ``module.`` (ignored there, and read back by :func:`released_to_ssl_state`).
+
+    The file also records the patch-merging order the encoder was trained with, ``{"recipe":
+    {"legacy_merging": ...}}`` beside ``"state_dict"`` (``custom.recipe``): without it a file in this
+    layout is taken for the paper's release, whose order is MONAI < 1.5's. ``SwinUNETR.load_from`` and
+    ``torch.load(weights_only=True)`` read the file as before.
+
+    Args:
+        state: the :class:`SSLHead` state_dict.
+        legacy_merging: the order the encoder merged patches in (False: MONAI's ``"merging"``, the
+            SSL bundle's); overridden by ``recipe["legacy_merging"]`` when ``recipe`` has it.
+        recipe: the bundle's full recipe (``custom.recipe.make_recipe``) to save instead of the order alone.
     """
     out = {}
     for key, value in state.items():
         new = monai_to_released_key(key) if key.startswith(ENCODER_PREFIX) else f"module.{key}"
         out[new] = value
-    return {"state_dict": out}
+    return {"state_dict": out, "recipe": {"legacy_merging": bool(legacy_merging), **(recipe or {})}}
 
 
 def released_to_ssl_state(checkpoint: dict) -> dict[str, torch.Tensor]:

@@ -16,6 +16,16 @@ Released layout (``{"state_dict": {...}}``), 126 encoder tensors for depths (2, 
     module.layers{1..4}.0.downsample.{reduction.weight,norm.weight,norm.bias}
 
 MONAI names the MLP layers ``linear1``/``linear2`` and keeps the encoder under ``swinViT.``.
+
+The merging order travels with the weights. MONAI 1.5 changed the order in which the patch-merging
+layers concatenate their eight sub-samples (``custom.networks``); weights work only in the order they
+were trained with, and nothing in the tensors tells the two apart ("matched 126 of 126" either way).
+Files this collection writes record it (``{"recipe": {"legacy_merging": ...}}``, ``custom.recipe``); a
+file in the released layout without that record is the paper's release, trained with the old order.
+:func:`resolve_legacy_merging` picks the order from the file before the network is built (the bundles'
+``legacy_merging: null``) and logs it; an explicit ``legacy_merging`` that contradicts the file is
+refused (``--accept_recipe_mismatch True`` accepts it deliberately, with a warning), and
+:func:`load_swinvit_weights` refuses to load into a network built with the other order.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ from monai.networks.utils import copy_model_state
 __all__ = [
     "ENCODER_PREFIX",
     "LoadReport",
+    "downsample_for",
+    "merging_record",
+    "resolve_legacy_merging",
     "PretrainedWeightsError",
     "load_swinvit_weights",
     "prepare_network",
@@ -61,6 +74,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    merging: str = ""
 
     @property
     def expected(self) -> int:
@@ -73,6 +87,8 @@ class LoadReport:
         )
         if self.ignored:
             text += f" ({_abbrev(self.ignored)})"
+        if self.merging:
+            text += f"; patch merging in {self.merging}"
         return text
 
 
@@ -170,7 +186,120 @@ def verified_path(path: str, bundle_root: str) -> str:
     return path
 
 
-def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, strict: bool = True) -> LoadReport:
+def _state_of(checkpoint: object) -> object:
+    """The tensors of a weight file: ``{"state_dict": ...}``, ``{"model": ...}`` (a model.pt) or a bare state_dict."""
+    if isinstance(checkpoint, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), Mapping):
+                return checkpoint[key]
+    return checkpoint
+
+
+def _record_of(checkpoint: object) -> tuple[bool | None, str]:
+    """(legacy_merging the file was trained with, or None when unknown; why) from a loaded weight file."""
+    from .recipe import RECIPE_KEY
+
+    recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
+    if isinstance(recipe, Mapping) and isinstance(recipe.get("legacy_merging"), bool):
+        return recipe["legacy_merging"], f"recorded in the file by {recipe.get('bundle')} {recipe.get('version')}"
+    state = _state_of(checkpoint)
+    if isinstance(state, Mapping) and f"{_RELEASED_PREFIX}patch_embed.proj.weight" in state:
+        return True, "released layout without a merging-order record: the paper's release, trained with MONAI < 1.5"
+    return None, "no merging-order record and not the released layout"
+
+
+def merging_record(path: str | os.PathLike) -> tuple[bool | None, str]:
+    """The patch-merging order the weight file ``path`` was trained with, without loading its tensors.
+
+    Returns:
+        ``(legacy_merging, why)``: True for MONAI < 1.5's order (``custom.networks.LegacyPatchMerging``),
+        False for MONAI's ``"merging"``, None when the file does not say (a bare state_dict in MONAI's
+        names without a recipe).
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # torch's legacy (non-zip) format cannot be memory-mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return _record_of(checkpoint)
+
+
+def _order(legacy: bool | None) -> str:
+    return {True: "MONAI < 1.5's order (legacy_merging True)", False: "MONAI's order (legacy_merging False)"}.get(
+        legacy, "unknown order"
+    )
+
+
+def resolve_legacy_merging(
+    legacy_merging: bool | None, pretrained_path: str | None = None, accept_mismatch: bool = False
+) -> bool:
+    """The patch-merging order to build the network with: the one ``pretrained_path`` was trained with.
+
+    Args:
+        legacy_merging: None ("from the weights", the bundles' default), or True/False given by the user.
+        pretrained_path: the encoder weights the network will start from, or None (from scratch).
+        accept_mismatch: let an explicit ``legacy_merging`` that contradicts the file through, with a warning.
+
+    Returns:
+        True for MONAI < 1.5's order, False for MONAI's. None with no file, or with a file that records
+        nothing, gives False (MONAI's order; the log says so).
+
+    Raises:
+        TypeError: ``legacy_merging`` is neither None nor a bool (``--legacy_merging false`` arrives as a string).
+        ValueError: ``legacy_merging`` contradicts the file's order and ``accept_mismatch`` is False.
+    """
+    if legacy_merging is not None and not isinstance(legacy_merging, bool):
+        raise TypeError(
+            f"legacy_merging must be None (from the weights), True or False, got {legacy_merging!r} "
+            f"({type(legacy_merging).__name__}): write `--legacy_merging None` or `--legacy_merging True`."
+        )
+    if not isinstance(accept_mismatch, bool):
+        raise TypeError(f"accept_recipe_mismatch must be True or False, got {accept_mismatch!r}.")
+    path = validate_optional_path(pretrained_path, "pretrained_path")
+    if path is None:
+        chosen = bool(legacy_merging)
+        logger.info(f"no pretrained_path: patch merging in {_order(chosen)}")
+        return chosen
+    recorded, why = merging_record(path)
+    if recorded is None:
+        chosen = bool(legacy_merging)
+        logger.warning(
+            f"{path}: {why}; patch merging in {_order(chosen)} "
+            f"({'as given' if legacy_merging is not None else 'the default'}): pass --legacy_merging True "
+            "if the file was trained with MONAI < 1.5's order"
+        )
+        return chosen
+    if legacy_merging is None or legacy_merging == recorded:
+        logger.info(f"{path}: {why}; patch merging in {_order(recorded)}")
+        return recorded
+    text = (
+        f"{path} was trained with patch merging in {_order(recorded)} ({why}), "
+        f"but the config says legacy_merging={legacy_merging}"
+    )
+    if not accept_mismatch:
+        raise ValueError(
+            f"{text}: the weights would load into a network that concatenates their sub-samples in another order. "
+            "Pass --legacy_merging None to follow the file, or --accept_recipe_mismatch True to do this deliberately."
+        )
+    logger.warning(f"{text}; --accept_recipe_mismatch True: building it in {_order(legacy_merging)} anyway")
+    return legacy_merging
+
+
+def downsample_for(
+    legacy_merging: bool | None, pretrained_path: str | None = None, accept_mismatch: bool = False
+) -> str | type[torch.nn.Module]:
+    """The ``downsample`` argument of ``SwinUNETR`` in the merging order of ``pretrained_path``.
+
+    :func:`resolve_legacy_merging` then ``custom.networks.downsample_option``; the bundles' train configs
+    call it from ``network_def`` so that the order is settled before the network is built.
+    """
+    from .networks import downsample_option
+
+    return downsample_option(resolve_legacy_merging(legacy_merging, pretrained_path, accept_mismatch))
+
+
+def load_swinvit_weights(
+    network: torch.nn.Module, path: str | os.PathLike, strict: bool = True, accept_mismatch: bool = False
+) -> LoadReport:
     """Copy Swin encoder weights from a released-layout file into a ``SwinUNETR``.
 
     Args:
@@ -179,18 +308,23 @@ def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, stri
             ``{"state_dict": {...}}`` or a bare state_dict; ``module.`` prefixes optional.
         strict: raise when any encoder tensor of ``network`` is missing from the file or has another
             shape. With ``strict=False`` the matched tensors are still loaded and the gaps logged.
+        accept_mismatch: load even when ``network`` merges patches in another order than the file was
+            trained with (:func:`merging_record`), with a warning, instead of refusing.
 
     Returns:
         a :class:`LoadReport`; its ``summary()`` is also logged.
 
     Raises:
         PretrainedWeightsError: ``strict`` and not every encoder tensor was matched, or the file holds
-            no encoder tensor at all. The message lists what is missing or mis-shaped.
+            no encoder tensor at all (the message lists what is missing or mis-shaped); or the network's
+            merging order is not the file's (the message names ``legacy_merging``).
     """
+    from .recipe import legacy_merging_of
+
     path = os.fspath(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-        checkpoint = checkpoint["state_dict"]
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    recorded, why = _record_of(loaded)
+    checkpoint = _state_of(loaded)
     if not isinstance(checkpoint, Mapping):
         raise PretrainedWeightsError(
             f"{path}: expected a state_dict (or {{'state_dict': ...}}), got {type(checkpoint)}."
@@ -232,6 +366,15 @@ def load_swinvit_weights(network: torch.nn.Module, path: str | os.PathLike, stri
             + hint
         )
 
+    built = legacy_merging_of(model)
+    if recorded is not None and built is not None and built != recorded:
+        text = f"{path} was trained with patch merging in {_order(recorded)} ({why}); the network merges in {_order(built)}"
+        if not accept_mismatch:
+            raise PretrainedWeightsError(
+                f"{text}. Build it with legacy_merging={recorded} (the bundles: --legacy_merging None follows the file)."
+            )
+        logger.warning(f"{text}; loading anyway (accept_mismatch)")
+    report.merging = _order(built) + (f", as the file ({why})" if built == recorded else "")
     _, updated, _ = copy_model_state(model, mapped, inplace=True)
     report.matched = sorted(updated)
     if report.missing or report.shape_mismatch:
@@ -251,14 +394,16 @@ def prepare_network(
     device: torch.device | str,
     pretrained_path: str | None = None,
     bundle_root: str = ".",
+    accept_mismatch: bool = False,
 ) -> torch.nn.Module:
     """The training network: ``network`` with encoder weights from ``pretrained_path`` (if given), on ``device``.
 
     Used by the bundles' ``network`` id so that ``--pretrained_path None`` trains from scratch and a
-    path loads (strictly, loudly) before anything else is built on the weights.
+    path loads (strictly, loudly, into the merging order it was trained with) before anything else is
+    built on the weights. ``accept_mismatch`` is passed to :func:`load_swinvit_weights`.
     """
     path = validate_optional_path(pretrained_path, "pretrained_path")
     if path is not None:
         verified_path(path, bundle_root)
-        load_swinvit_weights(network, path, strict=True)
+        load_swinvit_weights(network, path, strict=True, accept_mismatch=accept_mismatch)
     return network.to(device)

@@ -46,7 +46,7 @@ def small_net() -> SwinUNETR:
 def test_training_writes_best_model_and_resumable_checkpoint(trained):
     ckpt = Path(trained["ckpt_dir"])
     net = small_net()
-    net.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))  # a plain, complete state_dict
+    net.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True)["model"])  # a complete state_dict
     state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer", "validator"} <= set(state)
     assert state["trainer"]["iteration"] == 2 and state["trainer"]["max_epochs"] == 2
@@ -342,7 +342,7 @@ def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1  # 2 cases / 2 ranks = 1 step per rank
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped, loadable anywhere
-    small_net().load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    small_net().load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"])
 
     configs = ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"]
     run_bundle("evaluating", configs, overrides, python_args=TORCHRUN)

@@ -10,14 +10,10 @@ from conftest import BTCV, REPO
 from ci.zoo_checks import json_format_problem
 
 CONFIGS = sorted(REPO.glob("swin_unetr_*/configs/*.json"))
+#: values inference.json takes from the weights' recipe (``custom.recipe``), else the training default
+FROM_THE_RECIPE = ["num_classes", "pixdim", "intensity_range", "roi_size", "feature_size", "legacy_merging"]
 #: values inference.json must repeat from train.json (MONAI Label and users run inference.json alone)
 SHARED_WITH_INFERENCE = [
-    "num_classes",
-    "pixdim",
-    "intensity_range",
-    "roi_size",
-    "feature_size",
-    "legacy_merging",
     "sw_batch_size",
     "overlap",
     "amp",
@@ -79,12 +75,31 @@ def test_every_bundle_has_the_files_the_contract_names(bundle):
     assert meta["version"] in meta["changelog"]
 
 
-def test_msd_inference_repeats_its_training_recipe():
+def parsed(bundle, name: str, ids: list[str], **overrides) -> dict:
+    """``ids`` of ``configs/<name>`` as the bundle resolves them, without weights (no ``model.pt``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / name))
+    parser.update({"bundle_root": str(bundle), "ckpt_dir": "/nonexistent", **overrides})
+    return {k: parser.get_parsed_content(k) for k in ids}
+
+
+def test_msd_inference_repeats_its_training_recipe(tmp_path):
+    from msd_tasks import make_task
+
     msd = REPO / "swin_unetr_msd"
     train, infer = load("train.json", msd), load("inference.json", msd)
-    shared = [k for k in SHARED_WITH_INFERENCE if k != "intensity_range"] + ["task", "in_channels", "region_based"]
+    shared = list(SHARED_WITH_INFERENCE) + ["in_channels", "region_based", "pixdim", "roi_size", "num_classes"]
     drift = {k: (train[k], infer[k]) for k in shared if train[k] != infer[k]}
     assert not drift, f"MSD train.json and inference.json disagree: {drift}"
+    # without a recipe in the weights, inference falls back on the task folder and the training defaults
+    task = {"dataset_dir": str(make_task(tmp_path, "Task09_Spleen"))}
+    ids = ["feature_size", "pixdim", "roi_size", "in_channels", "num_classes"]
+    assert parsed(msd, "inference.json", ids + ["legacy_merging"], **task) == {
+        **parsed(msd, "train.json", ids, **task),
+        "legacy_merging": False,  # train.json's null without pretrained_path: MONAI's order
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parents[1].name}/{p.name}" for p in CONFIGS])
@@ -96,7 +111,13 @@ def test_inference_repeats_the_training_recipe_exactly():
     train, infer = load("train.json"), load("inference.json")
     drift = {k: (train[k], infer[k]) for k in SHARED_WITH_INFERENCE if train[k] != infer[k]}
     assert not drift, f"train.json and inference.json disagree: {drift}"
-    assert train["network_def"]["downsample"] == infer["network_def"]["downsample"]
+    # the sizes come from the weights' recipe; without one, inference's fallbacks are the training defaults
+    ids = [k for k in FROM_THE_RECIPE if k != "legacy_merging"]
+    assert parsed(BTCV, "inference.json", FROM_THE_RECIPE) == {
+        **parsed(BTCV, "train.json", ids),
+        "legacy_merging": False,
+    }
+    assert train["legacy_merging"] is None  # from pretrained_path; none: MONAI's order (custom.weights)
 
 
 def test_contract_ids_present():

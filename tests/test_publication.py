@@ -118,7 +118,7 @@ def test_onnx_export_matches_eager(trained, tmp_path):
     proc = subprocess.run(cmd, cwd=BTCV, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12).eval()
-    net.load_state_dict(torch.load(Path(trained["ckpt_dir"]) / "model.pt", weights_only=True))
+    net.load_state_dict(torch.load(Path(trained["ckpt_dir"]) / "model.pt", weights_only=True)["model"])
     x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         eager = net(x).numpy()

@@ -10,6 +10,8 @@ from conftest import BTCV
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
+from custom.networks import LegacyPatchMerging
+from custom.ssl import SSLHead, ssl_state_to_released
 from custom.weights import PretrainedWeightsError, load_swinvit_weights, validate_optional_path
 
 BLOCK_TENSORS = [
@@ -72,7 +74,7 @@ def test_layout_has_126_encoder_tensors():
 
 def test_all_encoder_tensors_matched_extras_ignored(tmp_path, caplog):
     state = make_released_file(tmp_path / "model_swinvit.pt")
-    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, downsample=LegacyPatchMerging)
     decoder_before = net.out.conv.conv.weight.clone()
     with caplog.at_level(logging.INFO, logger="custom.weights"):
         report = load_swinvit_weights(net, tmp_path / "model_swinvit.pt")
@@ -123,19 +125,29 @@ def test_missing_file_named():
         validate_optional_path("/nowhere/no_such_weights.pt", "pretrained_path")
 
 
-def test_train_config_network_loads_pretrained_path(tmp_path):
-    """The BTCV train config's `network` id goes through the strict loader."""
-    state = make_released_file(tmp_path / "model_swinvit.pt")
+def train_parser(pretrained_path, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(BTCV / "configs" / "train.json"))
     parser.update(
         {
             "feature_size": 12,
             "use_checkpoint": False,
-            "pretrained_path": str(tmp_path / "model_swinvit.pt"),
+            "pretrained_path": str(pretrained_path),
             "device": "$torch.device('cpu')",
+            **overrides,
         }
     )
+    return parser
+
+
+def merging_classes(net) -> set[str]:
+    return {type(m).__name__ for m in net.modules() if "Merging" in type(m).__name__}
+
+
+def test_train_config_network_loads_pretrained_path(tmp_path):
+    """The BTCV train config's `network` id goes through the strict loader."""
+    state = make_released_file(tmp_path / "model_swinvit.pt")
+    parser = train_parser(tmp_path / "model_swinvit.pt")
     net = parser.get_parsed_content("network")
     assert torch.equal(
         net.swinViT.layers1[0].blocks[0].attn.qkv.weight, state["module.layers1.0.blocks.0.attn.qkv.weight"]
@@ -144,3 +156,63 @@ def test_train_config_network_loads_pretrained_path(tmp_path):
     with pytest.raises(Exception) as err:  # MONAI wraps it: "Failed to instantiate component ..."
         parser.get_parsed_content("network", lazy=False)
     assert isinstance(err.value.__cause__, FileNotFoundError) and "absent.pt" in str(err.value.__cause__)
+
+
+# -- the merging order travels with the weights ------------------------------------------------------
+
+
+def test_released_file_without_record_builds_the_old_merging_order_and_says_so(tmp_path, caplog):
+    """The paper's release (released layout, no record) was trained with MONAI < 1.5's order: chosen, logged."""
+    make_released_file(tmp_path / "model_swinvit.pt")
+    with caplog.at_level(logging.INFO, logger="custom.weights"):
+        net = train_parser(tmp_path / "model_swinvit.pt").get_parsed_content("network")  # legacy_merging: null
+    assert merging_classes(net) == {"LegacyPatchMerging"}
+    assert "the paper's release" in caplog.text and "legacy_merging True" in caplog.text
+    assert "matched 126 of 126" in caplog.text
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_file_written_by_this_collection_builds_its_recorded_order(tmp_path, legacy):
+    """The SSL bundle's export records the order its encoder was trained with; fine-tuning follows it."""
+    path = tmp_path / "model_swinvit.pt"
+    torch.save(ssl_state_to_released(SSLHead(feature_size=12).state_dict(), legacy_merging=legacy), path)
+    net = train_parser(path).get_parsed_content("network")
+    assert merging_classes(net) == {"LegacyPatchMerging" if legacy else "PatchMerging"}
+
+
+def test_explicit_merging_order_contradicting_the_file_is_refused_unless_accepted(tmp_path, caplog):
+    make_released_file(tmp_path / "model_swinvit.pt")
+    with pytest.raises(Exception) as err:
+        train_parser(tmp_path / "model_swinvit.pt", legacy_merging=False).get_parsed_content("network", lazy=False)
+    message = str(err.value.__cause__)
+    assert "legacy_merging=False" in message and "MONAI < 1.5's order" in message and "--legacy_merging None" in message
+    with caplog.at_level(logging.WARNING, logger="custom.weights"):
+        parser = train_parser(tmp_path / "model_swinvit.pt", legacy_merging=False, accept_recipe_mismatch=True)
+        net = parser.get_parsed_content("network")
+    assert merging_classes(net) == {"PatchMerging"} and "--accept_recipe_mismatch True" in caplog.text
+
+
+def test_loader_refuses_a_network_built_in_the_other_order(tmp_path):
+    """Even outside the configs: the released file does not load silently into MONAI's new order."""
+    make_released_file(tmp_path / "model_swinvit.pt")
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)  # MONAI's "merging"
+    before = net.swinViT.patch_embed.proj.weight.clone()
+    with pytest.raises(PretrainedWeightsError, match="legacy_merging=True"):
+        load_swinvit_weights(net, tmp_path / "model_swinvit.pt")
+    assert torch.equal(net.swinViT.patch_embed.proj.weight, before)
+    report = load_swinvit_weights(net, tmp_path / "model_swinvit.pt", accept_mismatch=True)
+    assert len(report.matched) == 126
+
+
+def test_recorded_export_still_reads_as_the_released_layout(tmp_path):
+    """The record is plain data beside "state_dict": weights_only loading and MONAI's load_from still work."""
+    path = tmp_path / "model_swinvit.pt"
+    torch.save(ssl_state_to_released(SSLHead(feature_size=12).state_dict()), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["recipe"] == {"legacy_merging": False}
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
+    net.load_from(loaded)
+    assert torch.equal(
+        net.swinViT.layers1[0].blocks[0].attn.qkv.weight,
+        loaded["state_dict"]["module.layers1.0.blocks.0.attn.qkv.weight"],
+    )

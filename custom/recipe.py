@@ -1,0 +1,290 @@
+"""The recipe travels with the weights: what produced a ``model.pt``, saved inside it and read back.
+
+Why this exists: MONAI saves weights without the settings they need (network arguments, spacing,
+intensity window, ROI, class names, patch-merging order). Typed twice, in train and inference configs,
+a ``feature_size`` mismatch fails at load, but a ``pixdim``, ``roi_size`` or window mismatch silently
+degrades every segmentation. Here training writes them into the file, and evaluation, inference,
+export and MONAI Label read them.
+
+File layout (``torch.load(..., weights_only=True)`` reads it; only str/int/float/bool/list/dict
+values in the recipe)::
+
+    model.pt          {"model": state_dict, "recipe": {...}}       (CONTRACT: ``{"model": state_dict}``)
+    checkpoint.pt     {"model": ..., "optimizer": ..., ..., "recipe": {...}}
+    model_swinvit.pt  {"state_dict": {"module....": ...}, "recipe": {...}}   (the released layout)
+
+MONAI's ``CheckpointLoader`` and MONAI Label (``checkpoint.get("model", checkpoint)``) read
+``{"model": ...}`` and ignore other keys; ``SwinUNETR.load_from`` reads ``["state_dict"]`` only.
+``monai.bundle ckpt_export`` without ``--key_in_ckpt model`` loads the whole file into the network:
+:func:`loads_recipe_files` makes the bundles' ``network_def`` accept that too.
+
+The recipe's keys are the configs' ids (``feature_size``, ``roi_size``, ``pixdim``, ...), so a
+mismatch is named in the config's own words. A config value is "set by the user" when it differs
+from the recipe: the bundles' defaults are the recipe's values (``"$@weights_recipe.get('feature_size',
+48)"``), a command-line override replaces them, and :func:`check_recipe` refuses a contradiction
+unless ``accept_recipe_mismatch`` is True.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "RECIPE_KEY",
+    "RecipeMismatchError",
+    "legacy_merging_of",
+    "make_recipe",
+    "with_recipe",
+    "read_recipe",
+    "check_recipe",
+    "loads_recipe_files",
+    "task_from_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the key of the recipe inside every file this collection writes
+RECIPE_KEY = "recipe"
+#: bump when the meaning of a recipe key changes
+RECIPE_FORMAT = 1
+
+
+class RecipeMismatchError(ValueError):
+    """The config contradicts the recipe saved with the weights."""
+
+
+def legacy_merging_of(network: torch.nn.Module) -> bool | None:
+    """The patch-merging order of ``network``: True for MONAI < 1.5's (``LegacyPatchMerging``), False for
+    MONAI's ``"merging"``, None when it has neither (another downsample, or no Swin encoder).
+
+    >>> from monai.networks.nets import SwinUNETR
+    >>> legacy_merging_of(SwinUNETR(1, 2, feature_size=12))
+    False
+    """
+    from monai.networks.nets.swin_unetr import PatchMerging
+
+    from .networks import LegacyPatchMerging
+
+    kinds = {type(m) for m in network.modules()}
+    if LegacyPatchMerging in kinds:
+        return True
+    if PatchMerging in kinds:
+        return False
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-like data (tuples to lists, numpy scalars to numbers) for ``weights_only`` loading."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else list(v)))
+
+
+def make_recipe(meta_file: str | os.PathLike, network: torch.nn.Module | None = None, **values: Any) -> dict[str, Any]:
+    """The recipe to save with the weights: ``values`` (config ids -> values), the bundle's name and version
+    from ``meta_file``, and the merging order read from ``network`` itself (what it was trained with).
+
+    Args:
+        meta_file: the bundle's ``configs/metadata.json``.
+        network: the network being trained (``network_def``); its ``legacy_merging`` is recorded.
+        values: e.g. ``in_channels``, ``num_classes``, ``feature_size``, ``pixdim``, ``roi_size``,
+            ``intensity_range``, ``class_names``; JSON-like values.
+
+    Example:
+        >>> import json, tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        ...     json.dump({"name": "demo", "version": "0.1.0"}, f)
+        >>> make_recipe(f.name, feature_size=12, roi_size=(64, 64, 64))["roi_size"]
+        [64, 64, 64]
+    """
+    with open(meta_file) as f:
+        meta = json.load(f)
+    recipe: dict[str, Any] = {
+        "format": RECIPE_FORMAT,
+        "bundle": meta.get("name"),
+        "version": meta.get("version"),
+        **_plain(values),
+    }
+    if network is not None:
+        recipe["legacy_merging"] = legacy_merging_of(network)
+    return recipe
+
+
+def with_recipe(payload: Any, recipe: Mapping[str, Any] | None) -> Any:
+    """``payload`` (a state_dict, or the released ``{"state_dict": ...}`` layout) with ``recipe`` added.
+
+    A plain state_dict becomes ``{"model": state_dict, "recipe": recipe}``; a mapping that already nests
+    its tensors (``"state_dict"`` or ``"model"``) gets a ``"recipe"`` key beside them.
+    """
+    if recipe is None:
+        return payload
+    if isinstance(payload, Mapping) and ("state_dict" in payload or "model" in payload):
+        return {**payload, RECIPE_KEY: dict(recipe)}
+    return {"model": payload, RECIPE_KEY: dict(recipe)}
+
+
+def read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The recipe saved in the weight file ``path``; ``{}`` (with a log line saying why) when there is none.
+
+    Reads the file memory-mapped where it can, so the tensors are not read just to get the recipe.
+    A missing file gives ``{}`` too (``verify_net_in_out`` and the property checks run without weights;
+    loading the weights then fails on the missing file itself).
+    """
+    if path is None or not os.path.isfile(path):
+        logger.info(f"no weight file at {path}: the config's values are used (no recipe to read)")
+        return {}
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(recipe, Mapping):
+        logger.warning(
+            f"{path} carries no recipe (saved before recipes were recorded, or not by this collection): "
+            "the config's values are used for sizes, spacing and intensity; make sure they are the training's"
+        )
+        return {}
+    return dict(recipe)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Sequence) and not isinstance(a, str) and isinstance(b, Sequence) and not isinstance(b, str):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b or a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
+
+
+def check_recipe(
+    recipe: Mapping[str, Any],
+    config: Mapping[str, Any],
+    accept_mismatch: bool = False,
+    path: str | os.PathLike = "the weights",
+) -> dict[str, Any]:
+    """Refuse a config value that contradicts the recipe saved with the weights; log what is used.
+
+    Args:
+        recipe: from :func:`read_recipe` (``{}``: no recipe, the config's values are used and logged).
+        config: config id -> the value this run uses (the recipe's own value unless the user overrode it).
+        accept_mismatch: ``--accept_recipe_mismatch True``: warn instead of refusing.
+        path: named in the messages.
+
+    Returns:
+        ``recipe`` (so that a config can ``_requires_`` this check before building the network).
+
+    Raises:
+        TypeError: ``accept_mismatch`` is not a bool (``--accept_recipe_mismatch true`` arrives as a string).
+        RecipeMismatchError: a value differs from the recipe's; the message names both values.
+
+    Example:
+        >>> check_recipe({"feature_size": 12}, {"feature_size": 12})
+        {'feature_size': 12}
+        >>> check_recipe({"feature_size": 12}, {"feature_size": 48}, path="model.pt")
+        Traceback (most recent call last):
+        ...
+        custom.recipe.RecipeMismatchError: model.pt was trained with feature_size=12, the config says feature_size=48...
+    """
+    if not isinstance(accept_mismatch, bool):
+        raise TypeError(
+            f"accept_recipe_mismatch must be True or False, got {accept_mismatch!r}: "
+            "write `--accept_recipe_mismatch True` on the command line."
+        )
+    if not recipe:
+        logger.info(
+            f"{path}: no recipe; using the config's values: " + ", ".join(f"{k}={v!r}" for k, v in config.items())
+        )
+        return dict(recipe)
+    diffs = [(k, recipe[k], v) for k, v in config.items() if k in recipe and not _same(recipe[k], v)]
+    if diffs:
+        said = "; ".join(f"{k}={r!r}, the config says {k}={v!r}" for k, r, v in diffs)
+        text = f"{path} was trained with {said}"
+        if not accept_mismatch:
+            raise RecipeMismatchError(
+                f"{text}. Drop those overrides to use the weights' recipe, or pass --accept_recipe_mismatch True "
+                "to run with the config's values deliberately."
+            )
+        logger.warning(f"{text}; --accept_recipe_mismatch True: using the config's values")
+    used = ", ".join(f"{k}={v!r}" for k, v in config.items())
+    logger.info(f"{path}: recipe of {recipe.get('bundle')} {recipe.get('version')}; using {used}")
+    return dict(recipe)
+
+
+def _unwrap_recipe_file(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """``load_state_dict`` pre-hook: ``{"model": sd, "recipe": ...}`` (or ``{"state_dict": ...}``) -> ``sd``."""
+    if prefix or "model" not in state_dict or not isinstance(state_dict["model"], Mapping):
+        return
+    inner = state_dict.pop("model")
+    state_dict.pop(RECIPE_KEY, None)
+    state_dict.update(inner)
+
+
+def loads_recipe_files(network: torch.nn.Module) -> torch.nn.Module:
+    """``network``, whose ``load_state_dict`` also takes a whole ``model.pt`` of this collection.
+
+    ``python -m monai.bundle ckpt_export network_def --ckpt_file models/model.pt`` (the contract's export
+    command, without ``--key_in_ckpt model``) loads the whole file into ``network_def``; this unwraps
+    ``{"model": state_dict, "recipe": ...}`` first. Plain state_dicts load as before (strictly).
+
+    Example:
+        >>> from monai.networks.nets import SwinUNETR
+        >>> net = loads_recipe_files(SwinUNETR(1, 2, feature_size=12))
+        >>> net.load_state_dict({"model": net.state_dict(), "recipe": {"feature_size": 12}})
+        <All keys matched successfully>
+    """
+    network.register_load_state_dict_pre_hook(_unwrap_recipe_file)
+    return network
+
+
+def task_from_weights(
+    recipe: Mapping[str, Any], dataset_dir: str | os.PathLike | None = None, check_dataset: bool = False
+) -> Any:
+    """The MSD task recipe (``custom.msd.TaskRecipe``) for inference or evaluation of trained weights.
+
+    With a recipe, the task comes from the weights alone: channels, classes, spacing, ROI and intensity
+    window, so a trained model deploys without the task folder. Without one (older weights), the task
+    folder's ``dataset.json`` is read as before (``custom.msd.load_task``).
+
+    Args:
+        recipe: from :func:`read_recipe`.
+        dataset_dir: the MSD task folder; needed only without a recipe, or with ``check_dataset``.
+        check_dataset: also read ``dataset_dir`` and refuse when its task (channels, class names) is not the
+            one the weights were trained on (evaluation scores the weights on that data).
+
+    Raises:
+        custom.msd.TaskError: no recipe and no readable task folder.
+        RecipeMismatchError: ``check_dataset`` and the folder holds another task.
+    """
+    from dataclasses import fields
+
+    from .msd import TaskRecipe, load_task
+
+    saved = recipe.get("task") if recipe else None
+    if not isinstance(saved, Mapping):
+        return load_task(dataset_dir)  # type: ignore[arg-type]
+    names = {f.name for f in fields(TaskRecipe)}
+    values = {k: v for k, v in saved.items() if k in names}
+    # the values the training actually used (its command line may have overridden the task table's)
+    values.update({k: recipe[k] for k in ("in_channels", "pixdim", "roi_size", "region_based") if k in recipe})
+    for key in ("pixdim", "roi_size", "window", "class_names"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    task = TaskRecipe(**values)
+    if check_dataset:
+        data = load_task(dataset_dir)  # type: ignore[arg-type]
+        diffs = [
+            (k, getattr(task, k), getattr(data, k))
+            for k in ("name", "in_channels", "class_names")
+            if getattr(task, k) != getattr(data, k)
+        ]
+        if diffs:
+            said = "; ".join(f"{k} {a!r}, the data's dataset.json {b!r}" for k, a, b in diffs)
+            raise RecipeMismatchError(f"the weights were trained on another task: {said} ({dataset_dir})")
+    logger.info(f"MSD task {task.name} from the weights' recipe (no task folder needed)")
+    return task
