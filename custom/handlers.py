@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainingCheckpoint",
     "CheckpointError",
+    "ModelLoader",
+    "read_weights",
     "BestModelSaver",
     "EvaluationReport",
     "NonFiniteLossError",
@@ -58,7 +60,14 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _state_mismatch(path: Path, name: str, network: torch.nn.Module, saved: Mapping[str, Any]) -> str:
+#: what to do about weights that do not fit, when resuming (checkpoint.pt) and when loading model.pt
+_RESUME_FIX = "or --resume False to start over (the checkpoint is then kept as a .bak file)"
+_MODEL_FIX = "or point --ckpt_dir at the weights trained with this config"
+
+
+def _state_mismatch(
+    path: Path, name: str, network: torch.nn.Module, saved: Mapping[str, Any], fix: str = _RESUME_FIX
+) -> str:
     """One line on why ``saved`` does not fit ``network``: the feature_size it was trained with, when that is it.
 
     A Swin UNETR's (and the SSL head's) ``patch_embed.proj.weight`` has ``feature_size`` output channels,
@@ -72,8 +81,7 @@ def _state_mismatch(path: Path, name: str, network: torch.nn.Module, saved: Mapp
         if was != now:
             return (
                 f"{path} was trained with feature_size={was} ({key} has {was} output channels), this run builds "
-                f"feature_size={now}: pass --feature_size {was} to resume it, or --resume False to start over "
-                "(the checkpoint is then kept as a .bak file)."
+                f"feature_size={now}: pass --feature_size {was}, {fix}."
             )
     differ = [k for k in saved if k in current and tuple(saved[k].shape) != tuple(current[k].shape)]
     missing = [k for k in current if k not in saved]
@@ -90,10 +98,31 @@ def _state_mismatch(path: Path, name: str, network: torch.nn.Module, saved: Mapp
     if unexpected:
         parts.append(f"{len(unexpected)} unknown tensors (first: {unexpected[0]})")
     return (
-        f"{path}: its {name!r} weights do not fit this network ({'; '.join(parts)}). Resume with the settings it "
-        "was trained with (feature_size, in/out channels, network options), or pass --resume False to start over "
-        "(the checkpoint is then kept as a .bak file)."
+        f"{path}: its {name!r} weights do not fit this network ({'; '.join(parts)}). Use the settings it "
+        f"was trained with (feature_size, in/out channels, network options), {fix}."
     )
+
+
+def read_weights(path: Path, use: str = "no segmentation can be made with it", fix: str = _MODEL_FIX) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``; an empty, truncated or unsafe file is named in one line with ``fix``."""
+    size = path.stat().st_size
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path}: refused to load, it holds objects other than tensors and plain values "
+                f"(Weights only load failed: {_one_line(e, 200)}). Not a file of this bundle; {fix.removeprefix('or ')}."
+            ) from None
+        what = "empty (0 bytes)" if size == 0 else f"truncated or damaged ({size} bytes; {_one_line(e, 160)})"
+        raise CheckpointError(
+            f"{path} is {what}: {use} (an interrupted copy or a full disk?). Put back a complete copy, {fix}."
+        ) from None
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not weights of this bundle; {fix.removeprefix('or ')}."
+        )
+    return dict(ckpt)
 
 
 class TrainingCheckpoint:
@@ -256,27 +285,7 @@ class TrainingCheckpoint:
 
     def _read(self) -> dict[str, Any]:
         """The checkpoint's content; an empty, truncated or unsafe file is named with its fix."""
-        size = self.path.stat().st_size
-        try:
-            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if "Weights only load failed" in str(e):
-                raise CheckpointError(
-                    f"{self.path}: refused to load, it holds objects other than tensors and plain values "
-                    f"(Weights only load failed: {_one_line(e, 200)}). Not a checkpoint of this bundle; pass "
-                    "--resume False to start over (it is then kept as a .bak file)."
-                ) from None
-            what = "empty (0 bytes)" if size == 0 else f"truncated or damaged ({size} bytes; {_one_line(e, 160)})"
-            raise CheckpointError(
-                f"{self.path} is {what}: it cannot be resumed from (an interrupted copy or a full disk?). Pass "
-                "--resume False to start over (it is then kept as a .bak file), or put back a complete copy."
-            ) from None
-        if not isinstance(ckpt, Mapping):
-            raise CheckpointError(
-                f"{self.path} holds a {type(ckpt).__name__}, not a checkpoint of this bundle; pass --resume False "
-                "to start over (it is then kept as a .bak file)."
-            )
-        return dict(ckpt)
+        return read_weights(self.path, "it cannot be resumed from", _RESUME_FIX)
 
     def _restore(self, name: str, obj: Any, state: Any) -> None:
         """``obj.load_state_dict(state)``, with a mismatch said in one line naming the file."""
@@ -321,6 +330,54 @@ class TrainingCheckpoint:
                 new = old.with_name(f"{name}.{stamp}.bak")
                 os.replace(old, new)
                 logger.warning(f"--resume False: kept the previous {old.name} as {new}")
+
+
+class ModelLoader:
+    """Load ``model.pt`` into the network at the start of evaluation or inference, or say in one line why not.
+
+    MONAI's ``CheckpointLoader`` (which this calls) answers a missing file with a bare
+    ``FileNotFoundError``, an empty or truncated one with ``EOFError`` or "failed finding central
+    directory", and weights of another ``feature_size`` with PyTorch's dump of every mismatching tensor
+    (678 lines). Here each becomes a :class:`CheckpointError` naming the file and the value it was
+    trained with (read from the saved ``patch_embed`` shape). Both the plain state_dict and the
+    ``{"model": state_dict, "recipe": ...}`` layout load.
+
+    Args:
+        load_path: the weights, ``@ckpt_dir/model.pt``.
+        network: the model to fill.
+        map_location: passed to ``CheckpointLoader``.
+    """
+
+    def __init__(self, load_path: str, network: torch.nn.Module, map_location: Any = None) -> None:
+        self.path = Path(load_path)
+        self.network = network
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from monai.handlers import CheckpointLoader
+
+        if not self.path.is_file():
+            raise CheckpointError(
+                f"{self.path}: no trained weights there; train first, or point --ckpt_dir at the folder holding "
+                "model.pt."
+            )
+        saved = read_weights(self.path)
+        state = saved.get("model", saved)
+        loader = CheckpointLoader(str(self.path), {"model": self.network}, map_location=self.map_location)
+        try:
+            loader(engine)
+        except (RuntimeError, ValueError, KeyError) as e:
+            if isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values()):
+                # from None: PyTorch's message lists every mismatching tensor (678 lines for a feature_size change)
+                raise CheckpointError(
+                    _state_mismatch(self.path, "model", _module(self.network), state, _MODEL_FIX)
+                ) from None
+            raise CheckpointError(f"{self.path}: cannot be loaded into this network ({_one_line(e, 200)}).") from None
 
 
 class BestModelSaver:

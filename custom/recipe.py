@@ -32,6 +32,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,8 +141,10 @@ def read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
         return {}
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a legacy (non-zip) file cannot be memory-mapped; a damaged one is named in one line
+        from .handlers import read_weights
+
+        checkpoint = read_weights(Path(path))
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
     if not isinstance(recipe, Mapping):
         logger.warning(

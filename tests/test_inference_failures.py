@@ -193,3 +193,42 @@ def test_msd_bad_case_in_worker_processes_is_named(tmp_path):
     )
     assert f"FAILED: {bad}: " in text
     assert [p.name for p in out.iterdir()] == [good.name.replace(".nii.gz", "_seg.nii.gz")]
+
+
+def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path, sample_dir, untrained):
+    """model.pt of another feature_size (no recipe to tell), or a truncated one: one line naming it and the fix.
+
+    MONAI's CheckpointLoader answered the first with PyTorch's 678-line dump of mismatching tensors and
+    the second with a bare EOFError / "failed finding central directory".
+    """
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    shutil.copy(sample_dir / SLAB, inp / "a.nii.gz")
+    model = Path(untrained) / "model.pt"
+    before = sha256(model)
+    builds_48 = {k: v for k, v in SMALL.items() if k != "feature_size"}  # the config's default, 48
+    proc = run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**builds_48, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)},
+        check=False,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{model} was trained with feature_size=12" in text and "--feature_size 12" in text, text[-3000:]
+    assert "size mismatch for" not in text  # no dump of every tensor
+    assert sha256(model) == before
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    truncated(model, damaged / "model.pt")
+    proc = run_bundle(
+        "inference",
+        ["configs/inference.json"],
+        {**SMALL, "ckpt_dir": str(damaged), "input_dir": str(inp), "output_dir": str(out)},
+        check=False,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{damaged / 'model.pt'} is truncated or damaged" in text, text[-3000:]
+    assert not out.exists() or not any(out.iterdir())
