@@ -7,10 +7,12 @@ every bundle command runs in seconds to a minute on two CPU cores while taking i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +87,53 @@ def trained(tmp_path_factory, sample_dataset) -> dict:
     }
     proc = run_bundle("training", ["configs/train.json"], overrides)
     return {**paths, "work": work, "overrides": overrides, "proc": proc}
+
+
+@pytest.fixture()
+def input_dir(tmp_path, sample_dir) -> Path:
+    """A folder holding one image to segment: the real CT slab as ``slab.nii.gz``."""
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(sample_dir / "ct_slab.nii.gz", d / "slab.nii.gz")
+    return d
+
+
+#: SeriesInstanceUID :func:`write_dicom_series` gives a series unless told otherwise
+CT_UID = "1.2.826.0.1.3680043.2.1125.7.1"
+#: a second series of the same study (a localizer, in the tests)
+LOCALIZER_UID = "1.2.826.0.1.3680043.2.1125.7.2"
+
+
+def write_dicom_series(
+    nifti: Path, folder: Path, series_uid: str = CT_UID, slices: range | None = None, prefix: str = "slice"
+) -> None:
+    """Write ``nifti`` (or the ``slices`` of it) as a DICOM CT series with ITK, one file per slice."""
+    import itk
+
+    image = itk.imread(str(nifti), itk.SS)
+    voxels = itk.array_from_image(image)  # (z, y, x)
+    origin, spacing = np.array(itk.origin(image)), np.array(itk.spacing(image))
+    direction = itk.array_from_matrix(image.GetDirection())
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in slices if slices is not None else range(voxels.shape[0]):
+        sl = itk.image_from_array(np.ascontiguousarray(voxels[i]))
+        sl.SetSpacing([float(spacing[0]), float(spacing[1])])
+        tags = sl.GetMetaDataDictionary()
+        tags["0020|0032"] = "\\".join(f"{v:.4f}" for v in origin + direction @ np.array([0.0, 0.0, i * spacing[2]]))
+        tags["0020|0037"] = "\\".join(f"{v:.6f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
+        tags["0020|0013"] = str(i + 1)
+        tags["0028|0030"] = f"{spacing[1]:.4f}\\{spacing[0]:.4f}"
+        tags["0018|0050"] = f"{spacing[2]:.4f}"
+        tags["0008|0060"] = "CT"
+        tags["0020|000d"] = "1.2.826.0.1.3680043.2.1125.7"
+        tags["0020|000e"] = series_uid
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.imwrite(sl, str(folder / f"{prefix}{i:03d}.dcm"), imageio=io)
+
+
+def truncated(src: Path, dst: Path) -> Path:
+    """``dst``: the first half of ``src``'s bytes (an interrupted copy or download)."""
+    raw = src.read_bytes()
+    dst.write_bytes(raw[: len(raw) // 2])
+    return dst

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, TORCHRUN, run_bundle
+from conftest import BTCV, REPO, SMALL, TORCHRUN, run_bundle, write_dicom_series
 from monai.networks.nets import SwinUNETR
 from PIL import Image
 
@@ -202,14 +202,6 @@ def test_loss_is_the_research_default_where_an_absent_class_still_counts():
     assert float(logits.grad[:, 13].abs().sum()) > 0
 
 
-@pytest.fixture()
-def input_dir(tmp_path, sample_dir) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    shutil.copy(sample_dir / "ct_slab.nii.gz", d / "slab.nii.gz")
-    return d
-
-
 def test_inference_nifti_on_the_input_grid(trained, input_dir, tmp_path):
     before = sha256(input_dir / "slab.nii.gz")
     out = tmp_path / "seg"
@@ -234,32 +226,6 @@ def test_inference_refuses_output_in_input_folder(trained, input_dir):
     )
     assert proc.returncode != 0 and "is the input folder" in proc.stdout + proc.stderr
     assert sorted(os.listdir(input_dir)) == ["slab.nii.gz"]
-
-
-def write_dicom_series(nifti: Path, folder: Path) -> None:
-    """Write ``nifti`` as a DICOM CT series, one file per slice, with ITK (positions, orientation, spacing)."""
-    import itk
-
-    image = itk.imread(str(nifti), itk.SS)
-    voxels = itk.array_from_image(image)  # (z, y, x)
-    origin, spacing = np.array(itk.origin(image)), np.array(itk.spacing(image))
-    direction = itk.array_from_matrix(image.GetDirection())
-    folder.mkdir(parents=True)
-    for i in range(voxels.shape[0]):
-        sl = itk.image_from_array(np.ascontiguousarray(voxels[i]))
-        sl.SetSpacing([float(spacing[0]), float(spacing[1])])
-        tags = sl.GetMetaDataDictionary()
-        tags["0020|0032"] = "\\".join(f"{v:.4f}" for v in origin + direction @ np.array([0.0, 0.0, i * spacing[2]]))
-        tags["0020|0037"] = "\\".join(f"{v:.6f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
-        tags["0020|0013"] = str(i + 1)
-        tags["0028|0030"] = f"{spacing[1]:.4f}\\{spacing[0]:.4f}"
-        tags["0018|0050"] = f"{spacing[2]:.4f}"
-        tags["0008|0060"] = "CT"
-        tags["0020|000d"] = "1.2.826.0.1.3680043.2.1125.1"
-        tags["0020|000e"] = "1.2.826.0.1.3680043.2.1125.1.1"
-        io = itk.GDCMImageIO.New()
-        io.KeepOriginalUIDOn()
-        itk.imwrite(sl, str(folder / f"slice{i:03d}.dcm"), imageio=io)
 
 
 def test_inference_dicom_series_folder(trained, tmp_path, sample_dir):

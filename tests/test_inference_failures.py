@@ -14,47 +14,13 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SMALL, run_bundle
+from conftest import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
 
 SLAB = "ct_slab.nii.gz"
-CT_UID = "1.2.826.0.1.3680043.2.1125.7.1"
-LOCALIZER_UID = "1.2.826.0.1.3680043.2.1125.7.2"
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_series(
-    nifti: Path, folder: Path, series_uid: str = CT_UID, slices: range | None = None, prefix: str = "slice"
-) -> None:
-    """Write ``nifti`` (or the ``slices`` of it) as a DICOM CT series with ITK, one file per slice."""
-    image = itk.imread(str(nifti), itk.SS)
-    voxels = itk.array_from_image(image)  # (z, y, x)
-    origin, spacing = np.array(itk.origin(image)), np.array(itk.spacing(image))
-    direction = itk.array_from_matrix(image.GetDirection())
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in slices if slices is not None else range(voxels.shape[0]):
-        sl = itk.image_from_array(np.ascontiguousarray(voxels[i]))
-        sl.SetSpacing([float(spacing[0]), float(spacing[1])])
-        tags = sl.GetMetaDataDictionary()
-        tags["0020|0032"] = "\\".join(f"{v:.4f}" for v in origin + direction @ np.array([0.0, 0.0, i * spacing[2]]))
-        tags["0020|0037"] = "\\".join(f"{v:.6f}" for v in np.concatenate([direction[:, 0], direction[:, 1]]))
-        tags["0020|0013"] = str(i + 1)
-        tags["0028|0030"] = f"{spacing[1]:.4f}\\{spacing[0]:.4f}"
-        tags["0018|0050"] = f"{spacing[2]:.4f}"
-        tags["0008|0060"] = "CT"
-        tags["0020|000d"] = "1.2.826.0.1.3680043.2.1125.7"
-        tags["0020|000e"] = series_uid
-        io = itk.GDCMImageIO.New()
-        io.KeepOriginalUIDOn()
-        itk.imwrite(sl, str(folder / f"{prefix}{i:03d}.dcm"), imageio=io)
-
-
-def truncated(src: Path, dst: Path) -> Path:
-    raw = src.read_bytes()
-    dst.write_bytes(raw[: len(raw) // 2])
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +49,9 @@ def bad_folder(tmp_path_factory, sample_dir) -> tuple[Path, Path, dict[str, str]
     shutil.copy(slab, inp / "ct.nii.gz")  # ct.nii.gz and ct.mha: two cases, two outputs
     shutil.copy(root / "whole.mha", inp / "ct.mha")
     nib.save(nib.Nifti1Image(np.zeros((40, 40), np.float32), np.eye(4)), str(inp / "flat.nii.gz"))  # a 2-D image
-    write_series(slab, inp / "two_series")
-    write_series(slab, inp / "two_series", LOCALIZER_UID, range(10), prefix="loc")
-    write_series(slab, inp / "gap", slices=[i for i in range(30) if i != 14])
+    write_dicom_series(slab, inp / "two_series")
+    write_dicom_series(slab, inp / "two_series", LOCALIZER_UID, range(10), prefix="loc")
+    write_dicom_series(slab, inp / "gap", slices=[i for i in range(30) if i != 14])
     (inp / "notes").mkdir()
     (inp / "notes" / "readme.txt").write_text("not an image")
     out.mkdir()
@@ -141,7 +107,7 @@ def test_bad_cases_are_named_and_counted_the_good_ones_written(bad_folder, untra
 
 def test_overwrite_and_uneven_slices_only_when_asked(tmp_path, sample_dir, untrained):
     inp, out = tmp_path / "in", tmp_path / "out"
-    write_series(sample_dir / SLAB, inp / "gap", slices=[i for i in range(30) if i != 14])
+    write_dicom_series(sample_dir / SLAB, inp / "gap", slices=[i for i in range(30) if i != 14])
     out.mkdir()
     (out / "gap_seg.nii.gz").write_bytes(b"an older result")
     args = {**SMALL, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)}

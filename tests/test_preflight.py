@@ -9,8 +9,7 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SMALL, run_bundle
-from test_inference_failures import CT_UID, LOCALIZER_UID, truncated, write_series
+from conftest import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
 
 from custom.cases import SKIPPED
 from custom.preflight import DataCheck, DataCheckError
@@ -133,10 +132,10 @@ def test_inference_inputs_of_every_format_are_read(tmp_path, sample_dir):
     truncated(tmp_path / "good.mha", tmp_path / "truncated.mha")
     save(tmp_path / "flat.nii.gz", np.zeros((40, 40), np.float32))
     itk.imwrite(itk.image_from_array(np.zeros((40, 40), np.int16)), str(tmp_path / "flat.mha"))
-    write_series(slab, tmp_path / "dicom")
-    write_series(slab, tmp_path / "two")
-    write_series(slab, tmp_path / "two", LOCALIZER_UID, range(10), prefix="loc")
-    write_series(slab, tmp_path / "gap", slices=[i for i in range(30) if i not in (3, 4)])
+    write_dicom_series(slab, tmp_path / "dicom")
+    write_dicom_series(slab, tmp_path / "two")
+    write_dicom_series(slab, tmp_path / "two", LOCALIZER_UID, range(10), prefix="loc")
+    write_dicom_series(slab, tmp_path / "gap", slices=[i for i in range(30) if i not in (3, 4)])
     names = ["good.mha", "good.nrrd", "dicom", "truncated.mha", "flat.nii.gz", "flat.mha", "two", "gap"]
     items = [{"image": str(tmp_path / n)} for n in names] + [{"image": str(tmp_path / "gone.mha"), SKIPPED: "x"}]
 

@@ -22,14 +22,6 @@ MSD = REPO / "swin_unetr_msd"
 SIZES = ("feature_size", "roi_size", "pixdim")
 
 
-@pytest.fixture()
-def input_dir(tmp_path, sample_dir) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    shutil.copy(sample_dir / "ct_slab.nii.gz", d / "slab.nii.gz")
-    return d
-
-
 def inference_parser(bundle: Path, ckpt_dir, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
