@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 
 from custom.data import case_name, checked_output_dir, dicom_series_problem, list_images
+from custom.utils import one_line_reason
 
-__all__ = ["FAILED", "SKIPPED", "CaseFailures", "plan_cases", "CaseDataset", "CaseEvaluator", "reason"]
+__all__ = ["FAILED", "SKIPPED", "CaseFailures", "plan_cases", "CaseDataset", "CaseEvaluator"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +40,6 @@ SKIPPED = "case_skipped"
 
 class CaseFailures(RuntimeError):
     """Some cases failed; the message lists each with its file and reason (the others were written)."""
-
-
-def reason(error: BaseException, limit: int = 400) -> str:
-    """The innermost cause of ``error`` as one line: MONAI wraps a reader's error in "applying transform".
-
-    ITK's messages lose their source location, and the stale ``errno`` text it appends to a file it
-    found but could not read (``Reason: No such file or directory`` for a truncated ``.mha``).
-
-    >>> reason(RuntimeError("applying transform"), 80)
-    'RuntimeError: applying transform'
-    """
-    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
-        error = error.__cause__ or error.__context__
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    text = re.sub(r"\S*itk\S*\.(cxx|h|hxx):\d+: ITK ERROR: \w+\(0x[0-9a-f]+\): ", "ITK: ", text)
-    text = text.replace(" for reading. Reason: No such file or directory", " (corrupt or truncated)")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def plan_cases(
@@ -121,7 +104,7 @@ class CaseDataset(Dataset):
                     return {"image": item["image"], FAILED: problem}
             return super()._transform(index)
         except Exception as e:  # any reader or transform error: this case fails, the others go on
-            return {"image": item["image"], FAILED: f"{item['image']}: {reason(e)}"}
+            return {"image": item["image"], FAILED: f"{item['image']}: {one_line_reason(e)}"}
 
 
 def _first(value):
@@ -158,7 +141,7 @@ class CaseEvaluator(SupervisedEvaluator):
         try:
             output = super()._iteration(engine, batchdata)
         except Exception as e:  # inference, post-processing or saving of this case failed
-            text = f"{source}: {reason(e)}"
+            text = f"{source}: {one_line_reason(e)}"
             logger.error(f"case failed: {text}")
             self.failed.append(text)
             engine.state.output = []

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.cases import SKIPPED, reason
+from custom.cases import SKIPPED
 from custom.data import dicom_series_problem
+from custom.utils import one_line_reason
 
 __all__ = ["DataCheckError", "DataCheck"]
 
@@ -169,7 +170,7 @@ class DataCheck:
             zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)[: min(3, data.ndim)])
             return data.shape, zooms, affine, data
         except Exception as e:  # nibabel and ITK raise many types for corrupt or truncated files
-            self.problems.append(f"{path}: unreadable {what} ({reason(e)})")
+            self.problems.append(f"{path}: unreadable {what} ({one_line_reason(e)})")
             return None
 
     def _check_case(self, section: str, item: dict) -> None:

@@ -28,7 +28,9 @@ from typing import Any
 
 from monai.data import CacheDataset, DataLoader, ThreadBuffer, ThreadDataLoader
 
-__all__ = ["CaseLoadError", "CheckedCacheDataset", "CheckedThreadDataLoader", "one_line_reason"]
+from .utils import one_line_reason
+
+__all__ = ["CaseLoadError", "CheckedCacheDataset", "CheckedThreadDataLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +39,6 @@ _TRANSFORM = re.compile(r"applying transform <([\w.]+) object")
 
 class CaseLoadError(RuntimeError):
     """A case of the datalist could not be loaded or preprocessed; the message names its file."""
-
-
-def one_line_reason(error: BaseException, limit: int = 400) -> str:
-    """The innermost cause of ``error`` as one line (MONAI wraps a reader's error in "applying transform").
-
-    >>> try:
-    ...     try:
-    ...         raise EOFError("Compressed file ended")
-    ...     except EOFError as e:
-    ...         raise RuntimeError("applying transform <LoadImaged object at 0x1>") from e
-    ... except RuntimeError as e:
-    ...     print(one_line_reason(e))
-    EOFError: Compressed file ended
-    """
-    seen = set()
-    while id(error) not in seen and (
-        error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__)
-    ):
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _failed_transform(error: BaseException) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,7 @@ __all__ = [
     "is_main_process",
     "class_names_from_metadata",
     "seed_everything",
+    "one_line_reason",
 ]
 
 
@@ -148,3 +150,29 @@ def seed_everything(seed: int | None, rank: int | None = None) -> int | None:
     set_determinism(seed=used)
     logging.getLogger(__name__).info(f"rank {rank}: random seed {used} (base seed {seed} + rank)")
     return used
+
+
+def one_line_reason(error: BaseException, limit: int = 400) -> str:
+    """The innermost cause of ``error`` as one line (MONAI wraps a reader's error in "applying transform").
+
+    >>> try:
+    ...     try:
+    ...         raise EOFError("Compressed file ended")
+    ...     except EOFError as e:
+    ...         raise RuntimeError("applying transform <LoadImaged object at 0x1>") from e
+    ... except RuntimeError as e:
+    ...     print(one_line_reason(e))
+    EOFError: Compressed file ended
+    """
+    seen = set()
+    while id(error) not in seen and (
+        error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__)
+    ):
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    # ITK's messages: drop the source location, and the stale errno text it appends to a file it found but
+    # could not read ("Reason: No such file or directory" for a truncated .mha)
+    text = re.sub(r"\S*itk\S*\.(cxx|h|hxx):\d+: ITK ERROR: \w+\(0x[0-9a-f]+\): ", "ITK: ", text)
+    text = text.replace(" for reading. Reason: No such file or directory", " (corrupt or truncated)")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
