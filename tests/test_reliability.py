@@ -290,7 +290,9 @@ def test_training_stops_at_a_truncated_case_naming_it_and_keeps_the_checkpoint(s
 def test_training_names_a_truncated_mha_while_caching(tmp_path, sample_dataset):
     header = b"ObjectType = Image\nNDims = 3\nDimSize = 40 40 30\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
     data = _dataset_with_bad_case(tmp_path / "data", sample_dataset, "img0002.mha", header + bytes(4 * 40 * 40 * 15))
-    proc = run_bundle("training", ["configs/train.json"], _one_step_epochs(tmp_path, data), check=False)
+    # preflight reads .mha too and would stop it first (tests/test_preflight.py); here the cache must name it
+    overrides = {**_one_step_epochs(tmp_path, data), "preflight": False}
+    proc = run_bundle("training", ["configs/train.json"], overrides, check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"ERROR - {data / 'imagesTr' / 'img0002.mha'}: cannot be read (RuntimeError" in text
