@@ -107,11 +107,14 @@ class RunLock:
             if same:
                 break
             f.close()
-        f.seek(0)
-        f.truncate()
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}) + "\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}) + "\n")
+            f.flush()
+        except OSError:  # a full disk: the lock holds all the same; a refused run then says "unknown"
+            pass
         self._file = f
         atexit.register(self.release)
         return self
