@@ -492,3 +492,43 @@ def test_ssl_train_workflow_initialises_on_a_fresh_data_folder(dataset, tmp_path
     index = json.loads((work / "cache" / "index.json").read_text())  # built by the dataset itself
     assert index["complete"] is True and len(index["volumes"]) == 4
     assert len(wf.train_dataset) == 3 and wf.train_dataset.index_file == work / "cache" / "index.json"
+
+
+def _corpus_on_rank(rank: int, init_file: str, kwargs: dict, results: dict) -> None:
+    import torch.distributed as dist
+
+    from custom.ssl_data import Corpus
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        corpus = Corpus(**kwargs)
+        try:
+            results[rank] = ("ok", str(corpus()), str(corpus()))  # the second call: no collective, same path
+        except Exception as e:
+            results[rank] = ("error", type(e).__name__, str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_corpus_is_built_by_rank_0_and_handed_to_every_rank(dataset, tmp_path):
+    """multi_gpu_train.json calls prepare_corpus on every rank: rank 0 builds, the others get its path or its error."""
+    ctx = torch.multiprocessing.get_context("fork")  # no re-import of torch and MONAI per process
+    kwargs = {"dataset_dir": str(dataset), "roi_size": ROI}
+    for name, datalist in (("good", dataset / "datalist.json"), ("bad", tmp_path / "missing.json")):
+        results = ctx.Manager().dict()
+        args = {**kwargs, "datalists": str(datalist), "out_dir": str(tmp_path / name)}
+        init = str(tmp_path / f"init_{name}")
+        procs = [ctx.Process(target=_corpus_on_rank, args=(r, init, args, results)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0, 0]
+        if name == "good":
+            index = str(tmp_path / "good" / "index.json")
+            assert results[0] == results[1] == ("ok", index, index)
+            assert len(json.loads(Path(index).read_text())["volumes"]) == 4
+        else:
+            assert results[0][:2] == ("error", "FileNotFoundError") and "missing.json" in results[0][2]
+            assert results[1][:2] == ("error", "RuntimeError") and "rank 0 could not prepare" in results[1][2]
+            assert "missing.json: datalist not found" in results[1][2]
