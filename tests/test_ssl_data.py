@@ -494,41 +494,56 @@ def test_ssl_train_workflow_initialises_on_a_fresh_data_folder(dataset, tmp_path
     assert len(wf.train_dataset) == 3 and wf.train_dataset.index_file == work / "cache" / "index.json"
 
 
-def _corpus_on_rank(rank: int, init_file: str, kwargs: dict, results: dict) -> None:
+def _corpus_on_rank(rank: int, init_file: str, runs: dict, results: dict) -> None:
     import torch.distributed as dist
 
     from custom.ssl_data import Corpus
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        corpus = Corpus(**kwargs)
-        try:
-            results[rank] = ("ok", str(corpus()), str(corpus()))  # the second call: no collective, same path
-        except Exception as e:
-            results[rank] = ("error", type(e).__name__, str(e))
+        for name, kwargs in runs.items():
+            corpus = Corpus(**kwargs)
+            try:
+                results[rank, name] = ("ok", str(corpus()), str(corpus()))  # the second call: no collective
+            except Exception as e:
+                results[rank, name] = ("error", type(e).__name__, str(e))
+        dist.barrier()  # leave together: a peer gone mid-teardown can abort gloo
     finally:
         dist.destroy_process_group()
 
 
 def test_corpus_is_built_by_rank_0_and_handed_to_every_rank(dataset, tmp_path):
     """multi_gpu_train.json calls prepare_corpus on every rank: rank 0 builds, the others get its path or its error."""
-    ctx = torch.multiprocessing.get_context("fork")  # no re-import of torch and MONAI per process
-    kwargs = {"dataset_dir": str(dataset), "roi_size": ROI}
-    for name, datalist in (("good", dataset / "datalist.json"), ("bad", tmp_path / "missing.json")):
-        results = ctx.Manager().dict()
-        args = {**kwargs, "datalists": str(datalist), "out_dir": str(tmp_path / name)}
-        init = str(tmp_path / f"init_{name}")
-        procs = [ctx.Process(target=_corpus_on_rank, args=(r, init, args, results)) for r in (0, 1)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        assert [p.exitcode for p in procs] == [0, 0]
-        if name == "good":
-            index = str(tmp_path / "good" / "index.json")
-            assert results[0] == results[1] == ("ok", index, index)
-            assert len(json.loads(Path(index).read_text())["volumes"]) == 4
-        else:
-            assert results[0][:2] == ("error", "FileNotFoundError") and "missing.json" in results[0][2]
-            assert results[1][:2] == ("error", "RuntimeError") and "rank 0 could not prepare" in results[1][2]
-            assert "missing.json: datalist not found" in results[1][2]
+    ctx = torch.multiprocessing.get_context("spawn")  # gloo in a process forked from a threaded one can hang
+    common = {"dataset_dir": str(dataset), "roi_size": ROI}
+    runs = {
+        "good": {**common, "datalists": str(dataset / "datalist.json"), "out_dir": str(tmp_path / "good")},
+        "bad": {**common, "datalists": str(tmp_path / "missing.json"), "out_dir": str(tmp_path / "bad")},
+    }
+    results = ctx.Manager().dict()
+    procs = [ctx.Process(target=_corpus_on_rank, args=(r, str(tmp_path / "init"), runs, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    index = str(tmp_path / "good" / "index.json")
+    assert results[0, "good"] == results[1, "good"] == ("ok", index, index)
+    assert len(json.loads(Path(index).read_text())["volumes"]) == 4
+    assert results[0, "bad"][:2] == ("error", "FileNotFoundError") and "missing.json" in results[0, "bad"][2]
+    assert results[1, "bad"][:2] == ("error", "RuntimeError") and "rank 0 could not prepare" in results[1, "bad"][2]
+    assert "missing.json: datalist not found" in results[1, "bad"][2]
+
+
+def test_an_index_file_given_on_the_command_line_is_used_as_is(corpus, tmp_path):
+    """``--index_file`` (a corpus stored elsewhere): the `training` list stores nothing into ``cache_dir``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "swin_unetr_ssl" / "configs" / "train.json"))
+    parser.update({"index_file": str(corpus), "cache_dir": str(tmp_path / "cache"), "roi_size": list(ROI)})
+    assert parser.get_parsed_content("training#1") == str(corpus)
+    assert len(parser.get_parsed_content("validate#dataset")) == 1 and not (tmp_path / "cache").exists()
