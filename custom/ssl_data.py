@@ -1,6 +1,8 @@
 """Data for self-supervised pre-training: a one-time preprocessed corpus and a memory-mapped crop dataset.
 
-    python -m custom.ssl_data --datalist a.json b.json --dataset_dir /data --out_dir /data/ssl_corpus
+    python -m custom.ssl_data --datalist a.json b.json --dataset_dir /data --out_dir /data/ssl_corpus --workers 8
+    python -m custom.ssl_data ... --shard 3/16     # one of 16 array jobs or nodes; then, once:
+    python -m custom.ssl_data --out_dir /data/ssl_corpus --merge
 
 The paper (Tang et al., CVPR 2022) pre-trains on 5,050 unlabeled CTs. Its code (research-contributions
 ``SwinUNETR/Pretrain/utils/data_utils.py``) loads each NIfTI, reorients it to RAS, windows it
@@ -18,6 +20,7 @@ Layout of ``out_dir``::
 
     index.json          settings, and per volume: file, source, section, shape
     volumes/<name>.npy  channel-first (1, X, Y, Z), RAS, uint8 round(x * 255) or float16 x, x in 0..1
+    parts/shard-i-of-n.json  part index of shard i of n (``--shard i/n``), merged into index.json by ``--merge``
 
 Each ``.npy`` is written atomically, under a name made from its source path and the settings, so a
 killed run resumes where it stopped and a file on disk is always complete and of this index's settings.
@@ -49,6 +52,8 @@ __all__ = [
     "CorpusError",
     "load_ssl_datalists",
     "preprocess_corpus",
+    "merge_corpus",
+    "Corpus",
     "MemmapCropDataset",
     "main",
 ]
@@ -249,8 +254,15 @@ def _read_index(index_file: Path) -> dict[str, Any]:
     return index
 
 
-def _write_index(index_file: Path, settings: dict, volumes: list[dict], datalists: list[str], complete: bool) -> None:
-    head = {"settings": settings, "complete": complete, "datalists": datalists}
+def _write_index(
+    index_file: Path,
+    settings: dict,
+    volumes: list[dict],
+    datalists: list[str],
+    complete: bool,
+    extra: dict | None = None,
+) -> None:
+    head = {"settings": settings, "complete": complete, "datalists": datalists, **(extra or {})}
     text = json.dumps(head, indent=1)[:-2]  # one line per volume: readable, and small for thousands of them
     text += ',\n "volumes": [' + ",".join(f"\n  {json.dumps(v)}" for v in volumes) + "\n ]\n}\n"
     atomic_write(index_file, lambda f: f.write(text), mode="w")
@@ -259,6 +271,135 @@ def _write_index(index_file: Path, settings: dict, volumes: list[dict], datalist
 def _one_line(e: BaseException, limit: int = 400) -> str:
     text = " ".join(str(e).split()) or "no message"
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``(i, n)`` from ``"i/n"`` or a pair, 0 <= i < n; None for no sharding.
+
+    >>> _parse_shard("1/4"), _parse_shard((0, 2)), _parse_shard(None)
+    ((1, 4), (0, 2), None)
+    """
+    if shard is None:
+        return None
+    try:
+        i, n = (int(v) for v in (shard.split("/") if isinstance(shard, str) else shard))
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be 'i/n' (e.g. '0/4': the first of 4 shards), got {shard!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n (shards are numbered from 0)")
+    return i, n
+
+
+def _part_file(out: Path, shard: tuple[int, int]) -> Path:
+    return out / "parts" / f"shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def _corpus_items(
+    datalists: list[str], dataset_dir: str | os.PathLike, sections: Sequence[str]
+) -> list[tuple[str, str]]:
+    """``(source, section)`` of every image, in datalist order, each image once (under its first section).
+
+    Raises:
+        ValueError: no image at all, or every image of a later section (``"validation"``) is also in an
+            earlier one (``"training"``): nothing would be held out. A partial overlap is a warning.
+    """
+    items: dict[str, str] = {}  # abs source -> section, first occurrence wins
+    for section in sections:
+        listed: list[tuple[str, str]] = []  # (datalist, source) of this section
+        for dl in datalists:
+            listed += [(dl, img) for img in _read_datalist(dl, dataset_dir, section)]
+        overlap, kept = [], 0
+        for dl, source in listed:
+            key = os.path.abspath(source)
+            if key not in items:
+                items[key], kept = section, kept + 1
+            elif items[key] == section:
+                logger.warning(f"{dl}: {source} is listed more than once in {section!r}; stored once")
+            else:
+                overlap.append((dl, source, items[key]))
+        if not overlap:
+            continue
+        named = ", ".join(dict.fromkeys(dl for dl, _, _ in overlap))
+        earlier = "/".join(repr(s) for s in dict.fromkeys(s for _, _, s in overlap))
+        example = overlap[0][1]
+        if kept == 0:
+            # the validation loss picks the best model_swinvit.pt: on training images it would only say how well
+            # the network remembers them, so an all-overlapping list is refused rather than used with a warning
+            raise ValueError(
+                f"{named}: every image of section {section!r} ({len(overlap)}) is also listed in {earlier} (e.g. "
+                f"{example}), so nothing is held out for the {section} loss that picks the best model; move some "
+                f"volumes (a few dozen are enough) from {earlier} to {section!r} in the datalist, or list other volumes "
+                f"under {section!r}"
+            )
+        logger.warning(
+            f"{named}: {len(overlap)} of {len(overlap) + kept} image(s) of section {section!r} are also listed in "
+            f"{earlier} (e.g. {example}); they are used in {earlier} only, and {section!r} keeps the other {kept}"
+        )
+    if not items:
+        raise ValueError(f"no image in sections {list(sections)} of {', '.join(datalists)}")
+    return [(source, section) for source, section in items.items()]
+
+
+def _store_one(source: str, path: Path, chains: tuple[list, list], settings: dict, overwrite: bool) -> tuple:
+    """Preprocess ``source`` into ``path`` unless a complete file of these settings is there already.
+
+    Returns ``(shape, skipped, error)``: only the shape travels back, never the volume (RAM stays flat).
+    """
+    shape = None if overwrite else (_npy_shape(path, settings["dtype"]) if path.exists() else None)
+    if shape is not None:
+        return shape, True, None
+    try:
+        arr = _preprocess_one(source, chains, settings)
+        atomic_write(path, lambda f: np.save(f, arr))
+    except Exception as e:  # readers raise many types for missing, corrupt or truncated files
+        return None, False, _one_line(e)
+    return [int(s) for s in arr.shape], False, None
+
+
+class _StoreTasks(torch.utils.data.Dataset):
+    """Item ``k``: store volume ``k`` of a task list and return ``(position, (shape, skipped, error))``.
+
+    A dataset so that ``torch.utils.data.DataLoader`` runs it in worker processes: it already starts,
+    feeds and stops workers, passes Ctrl-C through, and gives each worker one torch thread.
+    """
+
+    def __init__(self, tasks: list[tuple[int, str, Path]], settings: dict, overwrite: bool) -> None:
+        self.tasks, self.settings, self.overwrite = tasks, settings, overwrite
+        self._chains: tuple[list, list] | None = None
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, k: int) -> tuple[int, tuple]:
+        if self._chains is None:  # built in each worker on first use
+            self._chains = _chains(self.settings)
+        pos, source, path = self.tasks[k]
+        return pos, _store_one(source, path, self._chains, self.settings, self.overwrite)
+
+
+def _unbatched(item: Any) -> Any:
+    return item
+
+
+def _check_settings(file: Path, settings: dict, overwrite: bool) -> bool:
+    """Whether ``file`` (an index or part) records ``settings``; refuses other settings unless ``overwrite``."""
+    if not file.exists():
+        return False
+    try:
+        old = _read_index(file)["settings"]
+    except ValueError:
+        if not overwrite:
+            raise
+        return False
+    if old != settings and not overwrite:
+        changed = ", ".join(  # scale follows dtype: not listed on its own
+            f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v and k != "scale"
+        )
+        raise ValueError(
+            f"{file} was made with other settings ({changed}); pass overwrite=True (--overwrite) to rebuild "
+            "it, or choose another out_dir"
+        )
+    return old == settings
 
 
 def preprocess_corpus(
@@ -271,6 +412,8 @@ def preprocess_corpus(
     dtype: str = "uint8",
     sections: Sequence[str] = ("training", "validation"),
     overwrite: bool = False,
+    workers: int = 1,
+    shard: str | Sequence[int] | None = None,
 ) -> Path:
     """Store every image of ``datalists`` once, windowed, cropped and padded, for :class:`MemmapCropDataset`.
 
@@ -282,8 +425,15 @@ def preprocess_corpus(
     ``round(x * 255)`` (uint8) or ``x`` (float16).
 
     Resumable: a re-run skips images already stored with the same settings, also after a killed run.
-    An image listed twice (in two sections or datalists) is stored once, under its first section.
+    An image listed twice (in two sections or datalists) is stored once, under its first section; a
+    later section (``"validation"``) whose images are all in an earlier one is refused by name.
     Images that fail are collected; the index of the others is written before the error is raised.
+
+    Parallel: ``workers`` processes on this machine (each holds one volume at a time; the main
+    process only the index entries, so RAM stays flat in the corpus size). Sharded: ``shard="i/n"``
+    stores every n-th image from the i-th (array jobs, or nodes) and writes only its part index
+    ``out_dir/parts/shard-i-of-n.json``; :func:`merge_corpus` then writes ``index.json`` once (so does
+    a run without ``shard``, which finds every volume stored and only reads their headers).
 
     Args:
         datalists: decathlon-style datalist JSON(s); see :func:`load_ssl_datalists`.
@@ -294,16 +444,18 @@ def preprocess_corpus(
         roi_size: the pre-training crop; every stored volume is padded to at least this.
         dtype: ``"uint8"`` (1/255 of the window, a quarter of float32's disk) or ``"float16"``.
         sections: datalist sections to store; each volume's section is recorded in the index.
-        overwrite: rebuild an ``out_dir`` made with other settings (its old volumes are deleted),
-            and recompute volumes already stored.
+        overwrite: rebuild an ``out_dir`` made with other settings (its old volumes are deleted, by a
+            run without ``shard``), and recompute volumes already stored.
+        workers: processes that preprocess; 0 or 1: this process.
+        shard: ``"i/n"`` (or ``(i, n)``): this run's share, 0 <= i < n; None: all images.
 
     Returns:
-        path of ``out_dir/index.json``.
+        path of ``out_dir/index.json``, or of the part index when ``shard`` is given.
 
     Raises:
         FileNotFoundError: a datalist does not exist.
-        ValueError: bad settings or datalists, no image in any section, or ``out_dir`` holds a
-            corpus made with other settings and ``overwrite`` is False.
+        ValueError: bad settings or datalists, no image in any section, a section with no image of its
+            own, or ``out_dir`` holds a corpus made with other settings and ``overwrite`` is False.
         CorpusError: some images could not be read or stored; lists each file and its problem.
     """
     from tqdm import tqdm
@@ -312,83 +464,195 @@ def preprocess_corpus(
     datalists = [str(d) for d in _as_list(datalists)]
     if isinstance(sections, str) or not sections:
         raise ValueError(f"sections must be a non-empty list of section names, got {sections!r}")
-    items: dict[str, str] = {}  # abs source -> section, first occurrence wins
-    for section in sections:
-        for source in (img for dl in datalists for img in _read_datalist(dl, dataset_dir, section)):
-            key = os.path.abspath(source)
-            if key in items:
-                logger.warning(f"{source} is listed more than once; stored once, in section {items[key]!r}")
-                continue
-            items[key] = section
-    if not items:
-        raise ValueError(f"no image in sections {list(sections)} of {', '.join(datalists)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0 (0 or 1: this process), got {workers!r}")
+    part = _parse_shard(shard)
+    items = _corpus_items(datalists, dataset_dir, sections)
 
     out = Path(out_dir)
     index_file, vol_dir = out / "index.json", out / "volumes"
-    old_settings = None
-    if index_file.exists():
-        try:
-            old_settings = _read_index(index_file)["settings"]
-        except ValueError:
-            if not overwrite:
-                raise
-    if old_settings is not None and old_settings != settings and not overwrite:
-        changed = ", ".join(  # scale follows dtype: not listed on its own
-            f"{k}: {old_settings.get(k)!r} -> {v!r}"
-            for k, v in settings.items()
-            if old_settings.get(k) != v and k != "scale"
-        )
-        raise ValueError(
-            f"{index_file} was made with other settings ({changed}); pass overwrite=True (--overwrite) to rebuild "
-            "it, or choose another out_dir"
-        )
-    if old_settings != settings:
+    target = index_file if part is None else _part_file(out, part)
+    same = _check_settings(index_file, settings, overwrite)
+    if part is not None:
+        same = _check_settings(target, settings, overwrite)
+    mine = [(pos, src, sec) for pos, (src, sec) in enumerate(items) if part is None or pos % part[1] == part[0]]
+
+    def write(volumes: list[dict], complete: bool, failures: list[str] = ()) -> None:
+        if part is None:
+            _write_index(index_file, settings, volumes, datalists, complete)
+        else:
+            extra = {"shard": list(part), "total": len(items), "failures": list(failures)}
+            _write_index(target, settings, volumes, datalists, complete, extra)
+
+    if not same:
         # record the settings before the first volume, so a killed run is checked against them on resume
-        _write_index(index_file, settings, [], datalists, complete=False)
+        write([], complete=False)
     vol_dir.mkdir(parents=True, exist_ok=True)
 
-    chains = _chains(settings)
-    volumes: list[dict[str, Any]] = []
-    failures: list[str] = []
+    tasks = [(pos, src, vol_dir / _stored_name(src, settings)) for pos, src, _ in mine]
+    sections_of = {pos: sec for pos, _, sec in mine}
+    loader = torch.utils.data.DataLoader(
+        _StoreTasks(tasks, settings, overwrite),
+        batch_size=None,
+        collate_fn=_unbatched,
+        num_workers=workers if workers > 1 else 0,
+        in_order=False,  # a slow volume does not hold up the others
+    )
+    done: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
     skipped = 0
+    what = out if part is None else f"{out} (shard {part[0]}/{part[1]})"
     try:
-        bar = tqdm(items.items(), desc=f"preprocess -> {out}", unit="vol", dynamic_ncols=True)
-        for source, section in bar:
-            path = vol_dir / _stored_name(source, settings)
-            shape = None if overwrite else (_npy_shape(path, dtype) if path.exists() else None)
-            if shape is None:
-                try:
-                    arr = _preprocess_one(source, chains, settings)
-                    atomic_write(path, lambda f, a=arr: np.save(f, a))
-                except Exception as e:  # readers raise many types for missing, corrupt or truncated files
-                    failures.append(f"{source}: {_one_line(e)}")
-                    bar.set_postfix(failed=len(failures))
-                    continue
-                shape = [int(s) for s in arr.shape]
-            else:
-                skipped += 1
-            volumes.append(
-                {"file": f"{vol_dir.name}/{path.name}", "source": source, "section": section, "shape": shape}
-            )
+        bar = tqdm(loader, total=len(tasks), desc=f"preprocess -> {what}", unit="vol", dynamic_ncols=True)
+        for pos, (shape, was_stored, error) in bar:
+            source = items[pos][0]
+            if error is not None:
+                failed[pos] = f"{source}: {error}"
+                bar.set_postfix(failed=len(failed))
+                continue
+            skipped += was_stored
+            name = _stored_name(source, settings)
+            entry = {"file": f"{vol_dir.name}/{name}", "source": source, "section": sections_of[pos], "shape": shape}
+            done[pos] = entry if part is None else {**entry, "pos": pos}
     finally:  # also on Ctrl-C: keep what is done
-        _write_index(index_file, settings, volumes, datalists, complete=not failures and len(volumes) == len(items))
+        volumes = [done[p] for p in sorted(done)]
+        failures = [failed[p] for p in sorted(failed)]
+        write(volumes, complete=not failures and len(volumes) == len(tasks), failures=failures)
 
-    listed = {Path(v["file"]).name for v in volumes}
+    if part is None:
+        _report_stale(out, {Path(v["file"]).name for v in volumes}, delete=overwrite)
+    logger.info(f"{target}: {len(volumes)} volume(s), {skipped} already stored, {len(failures)} failed")
+    if failures:
+        rerun = "a re-run" if part is None else f"a re-run of shard {part[0]}/{part[1]}"
+        raise CorpusError(
+            f"{len(failures)} of {len(tasks)} image(s) could not be stored ({len(volumes)} stored and listed in "
+            f"{target}; {rerun} retries only the failed ones):\n  " + "\n  ".join(failures)
+        )
+    return target
+
+
+def _report_stale(out: Path, listed: set[str], delete: bool) -> None:
+    """Delete (``delete``) or mention the stored volumes that the index does not list (earlier runs)."""
+    vol_dir = out / "volumes"
     stale = [p for p in vol_dir.glob("*.npy") if p.name not in listed]
-    if stale and overwrite:
+    if stale and delete:
         for p in stale:
             p.unlink()
         logger.info(f"{out}: deleted {len(stale)} volume(s) of earlier runs that the new index does not list")
     elif stale:
         size = sum(p.stat().st_size for p in stale) / 2**30
         logger.info(f"{vol_dir}: {len(stale)} file(s) ({size:.2f} GiB) are not in the index (earlier runs)")
-    logger.info(f"{index_file}: {len(volumes)} volume(s), {skipped} already stored, {len(failures)} failed")
-    if failures:
+
+
+def merge_corpus(out_dir: str | os.PathLike) -> Path:
+    """Write ``out_dir/index.json`` once from the part indexes of a sharded :func:`preprocess_corpus`.
+
+    The volumes come in the order one unsharded run lists them, so the index equals that run's.
+
+    Returns:
+        path of ``out_dir/index.json``.
+
+    Raises:
+        ValueError: no part index, parts of different shard counts, settings or datalists, or a shard
+            that has not run (each named, with the command to run).
+        CorpusError: a shard could not store some images (the index of the others is written first).
+    """
+    out = Path(out_dir)
+    files = sorted((out / "parts").glob("shard-*-of-*.json"))
+    if not files:
+        raise ValueError(f"{out / 'parts'}: no part index (shard-i-of-n.json) to merge; run preprocess with --shard")
+    parts = {}
+    for f in files:
+        part = _read_index(f)
+        if not isinstance(part.get("shard"), list) or not isinstance(part.get("total"), int):
+            raise ValueError(f"{f}: not a part index (no 'shard' and 'total'); made by preprocess_corpus(shard=...)?")
+        parts[f] = part
+    counts = {tuple(p["shard"])[1] for p in parts.values()}
+    if len(counts) > 1:
+        raise ValueError(
+            f"{out / 'parts'}: parts of {sorted(counts)} shards ({', '.join(f.name for f in files)}); delete the "
+            "parts of the shard count no longer used"
+        )
+    n = counts.pop()
+    first = next(iter(parts.values()))
+    for f, p in parts.items():
+        for key in ("settings", "datalists", "total"):
+            if p[key] != first[key]:
+                raise ValueError(f"{f}: {key} differ from {files[0]}'s ({p[key]!r} vs {first[key]!r}); re-run it")
+    missing = sorted(set(range(n)) - {p["shard"][0] for p in parts.values()})
+    if missing:
+        raise ValueError(
+            f"{out / 'parts'}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} have not run (no "
+            f"{_part_file(out, (missing[0], n)).name}); run them with --shard, then merge"
+        )
+    entries = sorted((v for p in parts.values() for v in p["volumes"]), key=lambda v: v["pos"])
+    volumes = [{k: v for k, v in e.items() if k != "pos"} for e in entries]
+    failures = [line for p in parts.values() for line in p.get("failures", [])]
+    complete = all(p["complete"] for p in parts.values()) and len(volumes) == first["total"]
+    index_file = out / "index.json"
+    _write_index(index_file, first["settings"], volumes, first["datalists"], complete)
+    _report_stale(out, {Path(v["file"]).name for v in volumes}, delete=False)
+    logger.info(f"{index_file}: {len(volumes)} volume(s) merged from {n} shard(s)")
+    unfinished = [f.name for f, p in parts.items() if not p["complete"] and not p.get("failures")]
+    if failures or unfinished:
         raise CorpusError(
-            f"{len(failures)} of {len(items)} image(s) could not be stored ({len(volumes)} stored and listed in "
-            f"{index_file}; a re-run retries only the failed ones):\n  " + "\n  ".join(failures)
+            f"{first['total'] - len(volumes)} of {first['total']} image(s) are not stored ({len(volumes)} listed in "
+            f"{index_file}); re-run the shard(s) named, then merge again:"
+            + "".join(f"\n  {line}" for line in failures)
+            + "".join(f"\n  {name}: did not finish (killed?)" for name in unfinished)
         )
     return index_file
+
+
+class Corpus:
+    """The corpus of :func:`preprocess_corpus`, built (or checked and reused) on the first call.
+
+    ``corpus()`` returns the path of ``index.json``; it preprocesses what is not stored yet, so a
+    dataset reading ``corpus()`` works on a fresh data folder, e.g. when a bundle workflow is only
+    initialised and its properties checked. Later calls return the same path at once. Under
+    ``torch.distributed`` rank 0 preprocesses and every rank receives the result (the path, or rank
+    0's error): call it on every rank, at the same point.
+
+    Args:
+        datalists, dataset_dir, out_dir: as :func:`preprocess_corpus`.
+        options: the other arguments of :func:`preprocess_corpus` (not ``shard``).
+    """
+
+    def __init__(
+        self,
+        datalists: str | os.PathLike | Sequence[str | os.PathLike],
+        dataset_dir: str | os.PathLike,
+        out_dir: str | os.PathLike,
+        **options: Any,
+    ) -> None:
+        if "shard" in options:
+            raise ValueError("Corpus builds the whole corpus: run preprocess_corpus(shard=...) for a share of it")
+        self.datalists, self.dataset_dir, self.out_dir, self.options = datalists, dataset_dir, out_dir, options
+        self._index_file: Path | None = None
+
+    def _build(self) -> Path:
+        return preprocess_corpus(self.datalists, self.dataset_dir, self.out_dir, **self.options)
+
+    def __call__(self) -> Path:
+        if self._index_file is not None:
+            return self._index_file
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            error, result = None, [None]
+            if dist.get_rank() == 0:
+                try:
+                    result = [str(self._build())]
+                except Exception as e:  # handed to the other ranks, raised here unchanged
+                    error, result = e, [f"error: {_one_line(e)}"]
+            dist.broadcast_object_list(result, src=0)
+            if error is not None:
+                raise error
+            if result[0].startswith("error: "):
+                raise RuntimeError(f"rank 0 could not prepare the corpus in {self.out_dir}: {result[0][7:]}")
+            self._index_file = Path(result[0])
+        else:
+            self._index_file = self._build()
+        return self._index_file
 
 
 # -- dataset --------------------------------------------------------------------------------------
@@ -458,7 +722,11 @@ class MemmapCropDataset(torch.utils.data.Dataset):
             for v in index.get("volumes", []):
                 counts[v.get("section")] = counts.get(v.get("section"), 0) + 1
             held = counts or "none"
-            raise ValueError(f"{self.index_file}: no volume in section {section!r} (the index holds {held})")
+            made = ", ".join(str(d) for d in index.get("datalists", [])) or "its datalists"
+            raise ValueError(
+                f"{self.index_file}: no volume in section {section!r} (the index holds {held}); list volumes under "
+                f"{section!r} in {made} (held out from the other sections), then preprocess again"
+            )
         small = [v for v in self.volumes if any(s < r for s, r in zip(v["shape"][1:], self.roi_size, strict=True))]
         if small:
             listed = ", ".join(f"{v['file']} {v['shape'][1:]}" for v in small[:5])
@@ -538,9 +806,10 @@ class MemmapCropDataset(torch.utils.data.Dataset):
 
 # -- command line ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """``python -m custom.ssl_data``: :func:`preprocess_corpus` (also ``--workers``, ``--shard``) or ``--merge``."""
     parser = argparse.ArgumentParser(prog="python -m custom.ssl_data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datalist", nargs="+", required=True, help="decathlon-style datalist JSON file(s)")
-    parser.add_argument("--dataset_dir", required=True, help="folder that the datalists' relative paths start from")
+    parser.add_argument("--datalist", nargs="+", help="decathlon-style datalist JSON file(s)")
+    parser.add_argument("--dataset_dir", help="folder that the datalists' relative paths start from")
     parser.add_argument("--out_dir", required=True, help="corpus folder (index.json, volumes/)")
     parser.add_argument("--pixdim", nargs=3, type=float, default=None, help="resample to this spacing (mm)")
     parser.add_argument("--intensity_range", nargs=2, type=float, default=[-1000.0, 1000.0], help="HU window")
@@ -548,25 +817,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="uint8", help="stored dtype")
     parser.add_argument("--sections", nargs="+", default=["training", "validation"], help="datalist sections")
     parser.add_argument("--overwrite", action="store_true", help="rebuild a corpus made with other settings")
+    parser.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    parser.add_argument("--shard", help="i/n: store every n-th image from the i-th, into parts/ (then --merge)")
+    parser.add_argument("--merge", action="store_true", help="write index.json from the shards' part indexes")
     args = parser.parse_args(argv)
+    if not args.merge and (not args.datalist or not args.dataset_dir):
+        parser.error("--datalist and --dataset_dir are required (except with --merge)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        index_file = preprocess_corpus(
-            args.datalist,
-            args.dataset_dir,
-            args.out_dir,
-            pixdim=args.pixdim,
-            intensity_range=args.intensity_range,
-            roi_size=args.roi_size,
-            dtype=args.dtype,
-            sections=args.sections,
-            overwrite=args.overwrite,
-        )
+        if args.merge:
+            index_file = merge_corpus(args.out_dir)
+        else:
+            index_file = preprocess_corpus(
+                args.datalist,
+                args.dataset_dir,
+                args.out_dir,
+                pixdim=args.pixdim,
+                intensity_range=args.intensity_range,
+                roi_size=args.roi_size,
+                dtype=args.dtype,
+                sections=args.sections,
+                overwrite=args.overwrite,
+                workers=args.workers,
+                shard=args.shard,
+            )
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     volumes = json.loads(index_file.read_text())["volumes"]
-    counts = {s: sum(v["section"] == s for v in volumes) for s in args.sections}
+    counts: dict[str, int] = {}
+    for v in volumes:
+        counts[v["section"]] = counts.get(v["section"], 0) + 1
     print(f"wrote {index_file}: {len(volumes)} volume(s) {counts}")
     return 0
 

@@ -125,12 +125,33 @@ def test_preprocess_stores_cropped_volumes_and_index(dataset):
             assert arr.take(0, axis=axis).any() and arr.take(-1, axis=axis).any()
 
 
-def test_an_image_listed_twice_is_stored_once_under_its_first_section(dataset):
+def test_an_image_listed_twice_is_stored_once_under_its_first_section(dataset, caplog):
     twice = ["imagesTr/ct0.nii.gz", str(dataset / "imagesTr" / "ct0.nii.gz")]  # relative and absolute
-    _datalist(dataset / "dl.json", twice, ["imagesTr/ct0.nii.gz"])
-    index = json.loads(preprocess_corpus(dataset / "dl.json", dataset, dataset / "corpus", roi_size=ROI).read_text())
-    assert [(Path(v["source"]).name, v["section"]) for v in index["volumes"]] == [("ct0.nii.gz", "training")]
+    _datalist(dataset / "dl.json", twice, ["imagesTr/ct0.nii.gz", "imagesTs/ct3.nii.gz"])
+    with caplog.at_level("WARNING", logger="custom.ssl_data"):
+        index_file = preprocess_corpus(dataset / "dl.json", dataset, dataset / "corpus", roi_size=ROI)
+    index = json.loads(index_file.read_text())
+    assert [(Path(v["source"]).name, v["section"]) for v in index["volumes"]] == [
+        ("ct0.nii.gz", "training"),
+        ("ct3.nii.gz", "validation"),
+    ]
     assert index["complete"] is True
+    assert (
+        f"{dataset / 'dl.json'}: 1 of 2 image(s) of section 'validation' are also listed in 'training'" in caplog.text
+    )
+
+
+def test_validation_made_only_of_training_images_is_refused_naming_the_datalist(dataset):
+    """Issue 17 item 7: was accepted here, then training failed at start naming the corpus index."""
+    training = [f"imagesTr/ct{i}.nii.gz" for i in range(3)]
+    dl = _datalist(dataset / "dl.json", training, training[:2])
+    with pytest.raises(
+        ValueError, match=r"every image of section 'validation' \(2\) is also listed in 'training'"
+    ) as e:
+        preprocess_corpus(dl, dataset, dataset / "corpus", roi_size=ROI)
+    assert str(e.value).startswith(f"{dl}: ") and "nothing is held out" in str(e.value)
+    assert "move some volumes" in str(e.value)
+    assert not (dataset / "corpus").exists()  # said before anything is stored
 
 
 def test_small_volume_is_padded_to_the_roi(tmp_path):
@@ -322,6 +343,7 @@ def test_dataset_errors_name_the_index_and_section(corpus, tmp_path):
     with pytest.raises(ValueError, match="no volume in section 'testing'") as err:
         MemmapCropDataset(corpus, section="testing", roi_size=ROI)
     assert str(corpus) in str(err.value) and "'training': 3" in str(err.value)
+    assert str(corpus.parent.parent / "dl.json") in str(err.value)  # the datalist to edit
     with pytest.raises(ValueError, match=r"smaller than roi_size \[32, 16, 16\].*re-run preprocess_corpus"):
         MemmapCropDataset(corpus, roi_size=(32, 16, 16))
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
@@ -366,42 +388,162 @@ def test_module_runs_as_a_command(tmp_path):
     assert proc.returncode == 1 and f"error: {tmp_path / 'nope.json'}: datalist not found" in proc.stderr
 
 
-def _corpus_on_rank(rank: int, init_file: str, kwargs: dict, results: dict) -> None:
+# -- parallel and sharded preprocessing (issue 17 item 9) -----------------------------------------
+def _stored(index_file: Path) -> tuple[dict, dict[str, bytes]]:
+    """The index and the bytes of every stored volume, by file name."""
+    index = json.loads(index_file.read_text())
+    return index, {p.name: p.read_bytes() for p in sorted((index_file.parent / "volumes").iterdir())}
+
+
+def test_two_workers_give_the_same_index_and_files_as_one(dataset):
+    one = preprocess_corpus(dataset / "datalist.json", dataset, dataset / "one", roi_size=ROI, workers=1)
+    two = preprocess_corpus(dataset / "datalist.json", dataset, dataset / "two", roi_size=ROI, workers=2)
+    index, files = _stored(one)
+    assert len(files) == 4 and index["complete"] is True
+    assert _stored(two) == (index, files)
+
+
+def test_two_shards_then_a_merge_equal_one_run_and_the_index_is_merged_once(dataset, monkeypatch, capsys):
+    import custom.ssl_data as ssl_data
+
+    one = preprocess_corpus(dataset / "datalist.json", dataset, dataset / "one", roi_size=ROI)
+    out = dataset / "sharded"
+    args = ["--datalist", str(dataset / "datalist.json"), "--dataset_dir", str(dataset), "--out_dir", str(out)]
+    args += ["--roi_size", "16", "16", "16"]
+    real, written = ssl_data._write_index, []
+    monkeypatch.setattr(ssl_data, "_write_index", lambda path, *a, **k: written.append(path) or real(path, *a, **k))
+
+    assert main(args + ["--shard", "0/2"]) == 0
+    assert "2 volume(s) {'training': 2}" in capsys.readouterr().out  # positions 0 and 2 of 4
+    assert main(["--out_dir", str(out), "--merge"]) == 1  # shard 1 has not run: no index
+    assert "shard(s) 1/2 have not run" in capsys.readouterr().err and not (out / "index.json").exists()
+    assert main(args + ["--shard", "1/2", "--workers", "2"]) == 0
+    assert not (out / "index.json").exists()  # shards write only their parts
+    assert main(["--out_dir", str(out), "--merge"]) == 0
+    assert "4 volume(s) {'training': 3, 'validation': 1}" in capsys.readouterr().out
+    assert written.count(out / "index.json") == 1
+    assert _stored(out / "index.json") == _stored(one)
+
+    assert main(args + ["--shard", "2/2"]) == 1
+    assert "need 0 <= i < n" in capsys.readouterr().err
+
+
+def test_a_resumed_shard_does_not_redo_finished_volumes(dataset, monkeypatch):
+    import custom.ssl_data as ssl_data
+
+    real, calls = ssl_data._preprocess_one, []
+
+    def interrupted_at_the_second(*args):
+        calls.append(Path(args[0]).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    args = (dataset / "datalist.json", dataset, dataset / "corpus")
+    monkeypatch.setattr(ssl_data, "_preprocess_one", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_corpus(*args, roi_size=ROI, shard="0/2")
+    part_file = dataset / "corpus" / "parts" / "shard-0-of-2.json"
+    part = json.loads(part_file.read_text())
+    assert part["complete"] is False and [Path(v["source"]).name for v in part["volumes"]] == ["ct0.nii.gz"]
+
+    calls.clear()
+    monkeypatch.setattr(ssl_data, "_preprocess_one", lambda *a: calls.append(Path(a[0]).name) or real(*a))
+    assert preprocess_corpus(*args, roi_size=ROI, shard="0/2") == part_file
+    assert calls == ["ct2.nii.gz"]  # ct0 was finished before the interruption
+    part = json.loads(part_file.read_text())
+    assert part["complete"] is True and [v["pos"] for v in part["volumes"]] == [0, 2]
+
+    with pytest.raises(ValueError, match=r"shard-0-of-2.json was made with other settings \(dtype"):
+        preprocess_corpus(*args, roi_size=ROI, dtype="float16", shard="0/2")
+
+
+# -- the bundle's train workflow on a fresh data folder (issue 17 item 7) -------------------------
+def test_ssl_train_workflow_initialises_on_a_fresh_data_folder(dataset, tmp_path):
+    """Was: train#dataset read a corpus index that only the `training` run list built, so it failed here."""
+    from monai.bundle import ConfigWorkflow
+    from monai.utils import set_determinism
+
+    bundle = Path(__file__).resolve().parents[1] / "swin_unetr_ssl"
+    work = tmp_path / "work"
+    wf = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(bundle),
+        dataset_dir=str(dataset),
+        datalist=[str(dataset / "datalist.json")],
+        cache_dir=str(work / "cache"),
+        ckpt_dir=str(work / "models"),
+        output_dir=str(work / "outputs"),
+        feature_size=12,
+        roi_size=[64, 64, 64],
+        num_workers=0,
+        batch_size=1,
+        amp=False,
+        use_checkpoint=False,
+    )
+    try:
+        wf.initialize()
+        assert wf.check_properties() == []
+    finally:
+        set_determinism(seed=None)
+    index = json.loads((work / "cache" / "index.json").read_text())  # built by the dataset itself
+    assert index["complete"] is True and len(index["volumes"]) == 4
+    assert len(wf.train_dataset) == 3 and wf.train_dataset.index_file == work / "cache" / "index.json"
+
+
+def _corpus_on_rank(rank: int, init_file: str, runs: dict, results: dict) -> None:
     import torch.distributed as dist
 
     from custom.ssl_data import Corpus
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        corpus = Corpus(**kwargs)
-        try:
-            results[rank] = ("ok", str(corpus()), str(corpus()))  # the second call: no collective, same path
-        except Exception as e:
-            results[rank] = ("error", type(e).__name__, str(e))
+        for name, kwargs in runs.items():
+            corpus = Corpus(**kwargs)
+            try:
+                results[rank, name] = ("ok", str(corpus()), str(corpus()))  # the second call: no collective
+            except Exception as e:
+                results[rank, name] = ("error", type(e).__name__, str(e))
+        dist.barrier()  # leave together: a peer gone mid-teardown can abort gloo
     finally:
         dist.destroy_process_group()
 
 
 def test_corpus_is_built_by_rank_0_and_handed_to_every_rank(dataset, tmp_path):
     """multi_gpu_train.json calls prepare_corpus on every rank: rank 0 builds, the others get its path or its error."""
-    ctx = torch.multiprocessing.get_context("fork")  # no re-import of torch and MONAI per process
-    kwargs = {"datalists": str(dataset / "datalist.json"), "dataset_dir": str(dataset), "roi_size": ROI}
-    for name, datalist in (("good", dataset / "datalist.json"), ("bad", tmp_path / "missing.json")):
-        results = ctx.Manager().dict()
-        args = {**kwargs, "datalists": str(datalist), "out_dir": str(tmp_path / name)}
-        procs = [
-            ctx.Process(target=_corpus_on_rank, args=(r, str(tmp_path / f"init_{name}"), args, results)) for r in (0, 1)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        assert [p.exitcode for p in procs] == [0, 0]
-        if name == "good":
-            index = str(tmp_path / "good" / "index.json")
-            assert results[0] == results[1] == ("ok", index, index)
-            assert len(json.loads(Path(index).read_text())["volumes"]) == 4
-        else:
-            assert results[0][:2] == ("error", "FileNotFoundError") and "missing.json" in results[0][2]
-            assert results[1][:2] == ("error", "RuntimeError") and "rank 0 could not prepare" in results[1][2]
-            assert "missing.json: datalist not found" in results[1][2]
+    ctx = torch.multiprocessing.get_context("spawn")  # gloo in a process forked from a threaded one can hang
+    common = {"dataset_dir": str(dataset), "roi_size": ROI}
+    runs = {
+        "good": {**common, "datalists": str(dataset / "datalist.json"), "out_dir": str(tmp_path / "good")},
+        "bad": {**common, "datalists": str(tmp_path / "missing.json"), "out_dir": str(tmp_path / "bad")},
+    }
+    results = ctx.Manager().dict()
+    procs = [ctx.Process(target=_corpus_on_rank, args=(r, str(tmp_path / "init"), runs, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    index = str(tmp_path / "good" / "index.json")
+    assert results[0, "good"] == results[1, "good"] == ("ok", index, index)
+    assert len(json.loads(Path(index).read_text())["volumes"]) == 4
+    assert results[0, "bad"][:2] == ("error", "FileNotFoundError") and "missing.json" in results[0, "bad"][2]
+    assert results[1, "bad"][:2] == ("error", "RuntimeError") and "rank 0 could not prepare" in results[1, "bad"][2]
+    assert "missing.json: datalist not found" in results[1, "bad"][2]
+
+
+def test_an_index_file_given_on_the_command_line_is_used_as_is(corpus, tmp_path):
+    """``--index_file`` (a corpus stored elsewhere): the `training` list stores nothing into ``cache_dir``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "swin_unetr_ssl" / "configs" / "train.json"))
+    parser.update({"index_file": str(corpus), "cache_dir": str(tmp_path / "cache"), "roi_size": list(ROI)})
+    assert parser.get_parsed_content("training#1") == str(corpus)
+    assert len(parser.get_parsed_content("validate#dataset")) == 1 and not (tmp_path / "cache").exists()
