@@ -330,7 +330,7 @@ class TrainingCheckpoint:
             dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has written
         self._restore_signals()
         name = signal.Signals(self._signal).name if self._signal is not None else "a stop signal on another rank"
-        during = f" (received during iteration {self._signal_iteration})" if self._signal_iteration else ""
+        during = f" (received at iteration {self._signal_iteration})" if self._signal_iteration else ""
         message = (
             f"{name}{during}: stopped after iteration {engine.state.iteration} (epoch {engine.state.epoch}) and "
             f"saved {self.path}; exit status {PREEMPTED_EXIT_CODE}. Run the same command to resume there."

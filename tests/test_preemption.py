@@ -58,7 +58,7 @@ def _lr_after(steps: int, lr: float, t_total: int) -> float:
 
 def test_sigterm_in_process_finishes_the_iteration_saves_and_exits_with_the_preempted_status(tmp_path):
     engine, _, _ = _toy(tmp_path, kill_at=3)
-    with pytest.raises(TrainingPreempted, match=r"SIGTERM \(received during iteration 3\): stopped after iteration 3") as e:
+    with pytest.raises(TrainingPreempted, match=r"SIGTERM \(received at iteration 3\): stopped after iteration 3") as e:
         engine.run([0, 1, 2, 3], max_epochs=2)
     assert e.value.code == PREEMPTED_EXIT_CODE == 75
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -79,9 +79,11 @@ def test_checkpoint_interval_saves_every_n_iterations_and_keeps_the_previous_gen
     its = []
     engine.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: its.append(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["trainer"]["iteration"])
-        if (tmp_path / "checkpoint.pt").exists()
-        else its.append(None),
+        lambda e: (
+            its.append(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["trainer"]["iteration"])
+            if (tmp_path / "checkpoint.pt").exists()
+            else its.append(None)
+        ),
     )
     engine.run(list(range(5)), max_epochs=1)
     assert its == [None, None, 3, 3, 3]  # saved at iteration 3 (then at the epoch's end, 5)
@@ -140,3 +142,143 @@ def test_stale_temporaries_of_killed_saves_are_removed_but_not_a_live_one(tmp_pa
     os.utime(legacy, (time.time() - 7200, time.time() - 7200))
     assert sorted(remove_stale_temporaries(path)) == sorted([stale, legacy])
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", live.name])
+
+
+# -- real bundle runs, real signals ---------------------------------------------------------------
+def _overrides(tmp: Path, dataset: Path, **extra) -> dict:
+    return {
+        **SMALL,
+        "dataset_dir": str(dataset),
+        "ckpt_dir": str(tmp / "models"),
+        "output_dir": str(tmp / "outputs"),
+        "max_epochs": 1,
+        "epoch_length": 3,
+        "warmup_epochs": 1,
+        "val_interval": 100,
+        "num_samples": 1,
+        "use_checkpoint": False,
+        **extra,
+    }
+
+
+def _signal_after_an_iteration(overrides: dict, sig: int = signal.SIGTERM, after: str = "Iter: ") -> tuple[int, str]:
+    """Start ``run training``, send ``sig`` once a log line says an iteration completed; its status and output."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONWARNINGS"] = "ignore"
+    cmd = bundle_command("training", ["configs/train.json"], overrides)
+    proc = subprocess.Popen(
+        cmd, cwd=BTCV, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace"
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if after in line and "train_loss" in line:
+                proc.send_signal(sig)
+                break
+        lines.extend(proc.stdout)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(lines)
+
+
+def _no_temporaries(models: Path) -> None:
+    assert not [p.name for p in models.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, sample_dataset) -> dict:
+    """SIGTERM mid-epoch, then a resume with --learning_rate 0.01 --max_epochs 2 signalled again, then the same."""
+    tmp = tmp_path_factory.mktemp("preempted")
+    models = tmp / "models"
+    first = _overrides(tmp, sample_dataset)
+    code1, out1 = _signal_after_an_iteration(first, signal.SIGTERM, after="Iter: 1/3")
+    at1 = torch.load(models / "checkpoint.pt", weights_only=True)["trainer"]["iteration"]
+    shutil.copy(models / "checkpoint.pt", tmp / "first.pt")
+    changed = {**first, "learning_rate": 0.01, "max_epochs": 2}
+    code2, out2 = _signal_after_an_iteration(changed, signal.SIGUSR1)
+    state2 = torch.load(models / "checkpoint.pt", weights_only=True)
+    _no_temporaries(models)
+    third = run_bundle("training", ["configs/train.json"], changed)
+    return {
+        "models": models,
+        "first": tmp / "first.pt",
+        "runs": [(code1, out1, at1), (code2, out2, state2), third],
+        "final": torch.load(models / "checkpoint.pt", weights_only=True),
+    }
+
+
+def test_sigterm_mid_epoch_saves_the_iteration_and_exits_with_the_preempted_status(preempted):
+    # before: the process died of the signal (-15), nothing saved, a zero-byte .checkpoint.pt.*.tmp left
+    code, out, at = preempted["runs"][0]
+    assert code == PREEMPTED_EXIT_CODE, out[-3000:]
+    said = re.search(r"SIGTERM \(received at iteration (\d+)\): stopped after iteration (\d+)", out)
+    # sent once iteration 1 was logged: it arrives while iteration 2 fetches its batch or runs; 2 is saved
+    assert said and int(said.group(1)) in (1, 2) and int(said.group(2)) == at == 2, out[-3000:]  # mid-epoch
+    assert "Epoch[1] Complete" not in out
+
+
+def test_the_resume_continues_the_epoch_with_a_changed_learning_rate_and_length_applied(preempted):
+    code, out, state = preempted["runs"][1]
+    models = preempted["models"]
+    assert code == PREEMPTED_EXIT_CODE and "SIGUSR1" in out, out[-3000:]
+    assert f"resumed from {models / 'checkpoint.pt'}: epoch 0, iteration 2" in out
+    assert "max_epochs 1 -> 2" in out and "lr_scheduler t_total 3 -> 6" in out and "base_lrs [0.0001] -> [0.01]" in out
+    at = state["trainer"]["iteration"]
+    assert 3 <= at < 6 and state["lr_scheduler"]["base_lrs"] == [0.01]
+    # the schedule a fresh run with lr 0.01 and 2 x 3 steps has at that step: continued, not restarted
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = WarmupCosineSchedule(opt, warmup_steps=3, t_total=6)
+    for _ in range(at):
+        opt.step()
+        sched.step()
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+
+
+def test_the_same_command_then_finishes_without_repeating_an_iteration(preempted):
+    _, _, state = preempted["runs"][1]
+    third = preempted["runs"][2]
+    at = state["trainer"]["iteration"]
+    assert f"epoch {at // 3}, iteration {at}" in third.stdout and "differ from the checkpoint" not in third.stdout
+    iterations = [int(m) for m in re.findall(r"Epoch: \d+/2, Iter: (\d+)/3", third.stdout)]
+    assert len(iterations) == 6 - at  # only the iterations left
+    assert preempted["final"]["trainer"]["iteration"] == 6
+    _no_temporaries(preempted["models"])
+
+
+def test_resume_with_another_roi_size_is_refused_naming_both_values(tmp_path, sample_dataset, preempted):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(preempted["first"], models / "checkpoint.pt")  # iteration 2 of 3, roi 64^3
+    before = (models / "checkpoint.pt").read_bytes()
+    args = _overrides(tmp_path, sample_dataset, max_epochs=2, roi_size=[96, 96, 96])
+    proc = run_bundle("training", ["configs/train.json"], args, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "roi_size=[64, 64, 64] (this run: roi_size=[96, 96, 96])" in text and "--resume False" in text
+    assert (models / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_truncated_checkpoint_resumes_from_the_previous_and_a_worse_validation_keeps_model_pt(
+    tmp_path, sample_dataset, preempted
+):
+    models = tmp_path / "models"
+    models.mkdir()
+    good = torch.load(preempted["first"], weights_only=True)  # iteration 2 of 3
+    good["validator"] = {"best_metric": 0.99, "best_metric_epoch": 0}  # the best model.pt had Dice 0.99
+    torch.save(good, models / "checkpoint.prev.pt")
+    raw = (preempted["models"] / "checkpoint.pt").read_bytes()
+    (models / "checkpoint.pt").write_bytes(raw[: len(raw) // 2])
+    (models / "model.pt").write_bytes(b"the best model so far")
+    args = _overrides(tmp_path, sample_dataset, max_epochs=1, val_interval=1)
+    proc = run_bundle("training", ["configs/train.json"], args)
+    text = proc.stdout + proc.stderr
+    assert f"{models / 'checkpoint.pt'} is truncated or damaged" in text
+    assert f"Resuming from the previous checkpoint {models / 'checkpoint.prev.pt'}" in text
+    assert "val_mean_dice" in text  # a validation ran, worse than 0.99
+    assert (models / "model.pt").read_bytes() == b"the best model so far"
+    final = torch.load(models / "checkpoint.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 3 and final["validator"]["best_metric"] == pytest.approx(0.99)
+    assert len(list(models.glob("checkpoint.pt.*.damaged"))) == 1
