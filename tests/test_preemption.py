@@ -3,6 +3,7 @@ resume with a changed recipe. In-process tests on a toy engine, then real bundle
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BTCV, SMALL, bundle_command, run_bundle
+from conftest import BTCV, SMALL, TORCHRUN, bundle_command, run_bundle
 from ignite.engine import Engine, Events
 from monai.optimizers import WarmupCosineSchedule
 
@@ -282,3 +283,44 @@ def test_a_truncated_checkpoint_resumes_from_the_previous_and_a_worse_validation
     final = torch.load(models / "checkpoint.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 3 and final["validator"]["best_metric"] == pytest.approx(0.99)
     assert len(list(models.glob("checkpoint.pt.*.damaged"))) == 1
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_iteration_and_rank_0_writes(tmp_path, sample_dataset):
+    """SIGTERM to torchrun's agent: it forwards the signal to both workers; they agree on one iteration."""
+    models = tmp_path / "models"
+    data = tmp_path / "data"  # two cases, one per rank (the sample dataset trains on one)
+    case = []
+    for i in (1, 2):
+        for kind, name in (("imagesTr", "img"), ("labelsTr", "label")):
+            (data / kind).mkdir(parents=True, exist_ok=True)
+            os.symlink((sample_dataset / kind / f"{name}0001.nii.gz").resolve(), data / kind / f"{name}000{i}.nii.gz")
+        case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
+    (data / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
+    args = _overrides(tmp_path, data, max_epochs=2)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONWARNINGS"] = "ignore"
+    cmd = bundle_command("training", ["configs/train.json", "configs/multi_gpu_train.json"], args)
+    cmd[1:1] = TORCHRUN
+    proc = subprocess.Popen(
+        cmd, cwd=BTCV, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace"
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Iter: 1/3" in line and "train_loss" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines.extend(proc.stdout)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    assert proc.returncode != 0 and (models / "checkpoint.pt").is_file(), out[-6000:]
+    stops = re.findall(r"stopped after iteration (\d+)", out)
+    saved = torch.load(models / "checkpoint.pt", weights_only=True)["trainer"]["iteration"]
+    assert stops and set(stops) == {str(saved)} and 2 <= saved < 6, out[-3000:]
+    assert len(re.findall(r"INFO - saved " + re.escape(str(models / "checkpoint.pt")), out)) == 1, out[-6000:]  # rank 0
+    assert "SignalException" in out  # torchrun's own status is its signal's (the workers exit with 75)
+    _no_temporaries(models)
