@@ -557,10 +557,16 @@ class TrainingCheckpoint:
                 "settings it was trained with, or pass --resume False to start over (it is then kept as a .bak)."
             ) from None
 
-    def _keep_copies(self) -> None:
-        """Copy the files of ``protect`` that no checkpoint accounts for to ``.bak`` (see the class docstring)."""
+    def _keep_copies(self, reason: str | None = None) -> None:
+        """Copy the files of ``protect`` that no checkpoint accounts for to ``.bak`` (see the class docstring).
+
+        Args:
+            reason: why they are copied, when not "no checkpoint beside them" (resuming from the previous
+                generation: ``model.pt`` may be better than that checkpoint's best metric says).
+        """
         if not is_main_process():
             return
+        why = reason or f"was not written by this run (no {self.path.name} beside it)"
         stamp = time.strftime("%Y%m%d_%H%M%S")
         for name in self.protect:
             old = self.path.parent / name
@@ -568,14 +574,11 @@ class TrainingCheckpoint:
                 continue
             same = [b for b in sorted(old.parent.glob(f"{name}.*.bak")) if filecmp.cmp(old, b, shallow=False)]
             if same:
-                logger.warning(f"{old} was not written by this run (no {self.path.name}); a copy is in {same[0]}")
+                logger.warning(f"{old} {why}; a copy is in {same[0]}")
                 continue
             copy = old.with_name(f"{name}.{stamp}.bak")
             atomic_write(copy, lambda f, src=old: _copy_into(src, f))
-            logger.warning(
-                f"{old} was not written by this run (no {self.path.name} beside it): kept a copy as {copy}; "
-                f"this run's best model will replace {name}"
-            )
+            logger.warning(f"{old} {why}: kept a copy as {copy}; this run's best model will replace {name}")
 
     def _set_aside(self) -> None:
         if not is_main_process():
