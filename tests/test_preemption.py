@@ -326,3 +326,23 @@ def test_under_torchrun_every_rank_stops_at_the_same_iteration_and_rank_0_writes
     assert len(re.findall(r"INFO - saved " + re.escape(str(models / "checkpoint.pt")), out)) == 1, out[-6000:]  # rank 0
     assert "SignalException" in out  # torchrun's own status is its signal's (the workers exit with 75)
     _no_temporaries(models)
+
+
+def test_a_full_disk_during_a_rotating_save_leaves_both_generations_as_they_were(tmp_path):
+    import errno
+
+    from custom.utils import DiskFullError, atomic_write
+
+    path, prev = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt"
+    atomic_torch_save({"iteration": 1}, path, previous=prev)
+    atomic_torch_save({"iteration": 2}, path, previous=prev)
+
+    def no_space(f):
+        f.write(b"PK\x03\x04 part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=f"the previous {path} is intact"):
+        atomic_write(path, no_space, previous=prev)
+    assert torch.load(path, weights_only=True) == {"iteration": 2}
+    assert torch.load(prev, weights_only=True) == {"iteration": 1}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pt", "checkpoint.pt"]
