@@ -457,6 +457,7 @@ class TrainingCheckpoint:
             logger.warning(
                 f"{newest} Resuming from the previous checkpoint {self.previous}; the damaged file is {kept}"
             )
+            self._keep_copies(f"may be newer than {self.previous.name}, whose best metric this run resumes with")
             return self.previous, ckpt
 
     def _check_recipe(self, source: Path, saved: Any) -> None:
