@@ -8,12 +8,15 @@ the best-metric state, and silently starts over when the saved run had already f
 
 from __future__ import annotations
 
+import copy
 import filecmp
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import string_list_all_gather
 
-from .utils import atomic_torch_save, atomic_write, is_main_process
+from .utils import atomic_torch_save, atomic_write, is_main_process, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
 __all__ = [
     "TrainingCheckpoint",
+    "TrainingPreempted",
+    "PREEMPTED_EXIT_CODE",
     "CheckpointError",
     "ModelLoader",
     "read_weights",
@@ -48,6 +53,31 @@ def _module(obj: Any) -> Any:
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used to resume; the message names the file and the fix."""
+
+
+#: exit status of a run stopped by SIGTERM/SIGUSR1 after saving its checkpoint: sysexits.h EX_TEMPFAIL
+#: ("temporary failure, try again"), distinct from a crash (1), a plain kill (-15 / 143) and a finished run (0)
+PREEMPTED_EXIT_CODE = 75
+
+
+class TrainingPreempted(SystemExit):
+    """Training stopped on a signal after writing its checkpoint; the process exits with :data:`PREEMPTED_EXIT_CODE`.
+
+    A ``SystemExit`` so that the bundle command ends with that status and without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+#: scheduler state that moves with training, not set by the config
+_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "verbose", "_is_initial"}
+#: recipe entries that do not describe the network or the data
+_NOT_COMPARED = {"format", "bundle", "version"}
 
 
 def _copy_into(src: Path, f: Any) -> None:
@@ -128,12 +158,35 @@ def read_weights(path: Path, use: str = "no segmentation can be made with it", f
 class TrainingCheckpoint:
     """Keep ``<save_dir>/<filename>`` as the resumable state of a training run, and resume from it.
 
-    Saved atomically every ``save_interval`` epochs and when training completes: each object of
-    ``save_dict`` (model, optimizer, lr_scheduler, trainer), plus the trainer's AMP ``scaler`` and the
-    validator's best metric. At ``Events.STARTED``, with ``resume`` and an existing file, everything is
-    restored and training goes on from the saved epoch; a file whose run already reached
-    ``max_epochs`` is refused (raise ``max_epochs`` to train longer). With ``resume=False`` the files
-    named in ``protect`` are renamed aside (``<name>.<timestamp>.bak``), never overwritten.
+    Saved atomically every ``save_interval`` epochs, every ``checkpoint_interval`` iterations (when
+    set), when training completes and when a stop signal arrives: each object of ``save_dict`` (model,
+    optimizer, lr_scheduler, trainer), plus the trainer's AMP ``scaler``, the validator's best metric
+    and the ``recipe``. Two generations: the file being replaced is kept as ``<stem>.prev<suffix>``
+    (``checkpoint.prev.pt``). At ``Events.STARTED``, with ``resume`` and an existing file, everything
+    is restored and training goes on from the saved iteration (mid-epoch too: ignite continues the
+    epoch with the iterations it had left); a file whose run already reached ``max_epochs`` is refused
+    (pass a larger ``max_epochs`` to train longer: the schedule is then stretched to it). With
+    ``resume=False`` the files named in ``protect`` (and the previous generation) are renamed aside
+    (``<name>.<timestamp>.bak``), never overwritten.
+
+    Preemption: on SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before a kill; SLURM's
+    ``--signal``), the current iteration finishes, the checkpoint is written, and the run raises
+    :class:`TrainingPreempted` (exit status :data:`PREEMPTED_EXIT_CODE`); the same command resumes at that
+    iteration. Bounded time: the rest of the iteration (plus the validation, when the signal comes
+    during one) and one save. Under DDP the ranks agree each iteration (an all-reduce of a stop flag),
+    so every rank stops at the same iteration and rank 0 alone writes. Temporary files of saves killed
+    earlier (by ``kill -9``) are removed at the start.
+
+    A bad newest file is not the end: an empty, truncated or unreadable ``checkpoint.pt`` is named, kept
+    as ``checkpoint.pt.<timestamp>.damaged``, and the run resumes from ``checkpoint.prev.pt``.
+
+    A changed recipe: the ``recipe`` saved in the file is compared with this run's; a network or data
+    value that differs (``feature_size``, ``roi_size``, ``pixdim``, the loss, ...) is refused naming both
+    values (``accept_mismatch`` warns instead). A change of the learning rate, weight decay or schedule
+    length (``max_epochs``, warm-up) is applied on resume: the optimizer's hyperparameters and the
+    scheduler's settings (``base_lrs``, ``t_total``, ``warmup_steps``) are this run's, the scheduler's
+    position is the checkpoint's, and the log says what changed. PyTorch's ``load_state_dict`` would
+    otherwise bring back the saved values and silently ignore the command line.
 
     Weights this run did not write are never lost: with ``resume`` and no checkpoint, another file of
     ``protect`` (a ``model.pt`` a user put there for MONAI Label, or the one left after deleting a
@@ -147,7 +200,7 @@ class TrainingCheckpoint:
     Errors name the file and the fix in one line (:class:`CheckpointError`): an empty, truncated or
     unsafe checkpoint, weights of another ``feature_size`` (read from the saved tensor shapes) or
     network, optimizer state that does not fit. When training stops on any error after the start, the
-    log says what the checkpoint on disk still holds (it is only written at the end of an epoch).
+    log says what the checkpoint on disk still holds.
 
     Args:
         save_dir: the bundle's ``ckpt_dir``.
@@ -158,7 +211,15 @@ class TrainingCheckpoint:
         save_interval: epochs between saves.
         validator: the evaluator whose ``best_metric``/``best_metric_epoch`` are kept.
         protect: files in ``save_dir`` set aside on a fresh start.
-        recipe: saved as ``"recipe"`` in the file (``custom.recipe``: what produced these weights).
+        recipe: saved as ``"recipe"`` in the file (``custom.recipe``: what produced these weights) and
+            compared on resume.
+        checkpoint_interval: also save every this many iterations; None: at epoch ends only.
+        accept_mismatch: resume although the recipe differs (``--accept_recipe_mismatch True``).
+        signals: names of the signals that stop training after a save.
+
+    Raises:
+        TypeError: ``resume`` or ``accept_mismatch`` is not a bool.
+        ValueError: ``checkpoint_interval`` is not None or a positive integer.
     """
 
     def __init__(
@@ -171,32 +232,112 @@ class TrainingCheckpoint:
         validator: Engine | None = None,
         protect: Sequence[str] = ("checkpoint.pt", "model.pt"),
         recipe: Mapping[str, Any] | None = None,
+        checkpoint_interval: int | None = None,
+        accept_mismatch: bool = False,
+        signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
     ) -> None:
-        if not isinstance(resume, bool):
-            raise TypeError(
-                f"resume must be True or False, got {resume!r}: write `--resume False` on the command line."
+        for name, value in (("resume", resume), ("accept_recipe_mismatch", accept_mismatch)):
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"{name} must be True or False, got {value!r}: write `--{name} False` on the command line."
+                )
+        if checkpoint_interval is not None and (
+            isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int) or checkpoint_interval < 1
+        ):
+            raise ValueError(
+                f"checkpoint_interval must be None (per epoch only) or a positive number of iterations, "
+                f"got {checkpoint_interval!r}"
             )
         if "trainer" in save_dict:
             raise ValueError("save_dict must not contain 'trainer': the engine the handler is attached to is saved.")
         self.path = Path(save_dir) / filename
+        self.previous = self.path.with_name(f"{self.path.stem}.prev{self.path.suffix}")
         self.save_dict = dict(save_dict)
         self.resume = resume
         self.save_interval = int(save_interval)
         self.validator = validator
         self.protect = tuple(protect)
         self.recipe = recipe
+        self.checkpoint_interval = checkpoint_interval
+        self.accept_mismatch = accept_mismatch
+        self.signals = tuple(getattr(signal, s) for s in signals if hasattr(signal, s))
         self._saved_iteration = -1
         self._saved_epoch: int | None = None
         self._reported: BaseException | None = None
+        self._engine: Engine | None = None
+        self._signal: int | None = None
+        self._signal_iteration: int | None = None
+        self._handlers: dict[int, Any] = {}
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
         self.save_dict["trainer"] = engine
+        self._engine = engine
         engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._stop_if_signalled)
         engine.add_event_handler(Events.COMPLETED, self.save)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self._restore_signals())
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.stopped)
+
+    # -- signals ----------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal works in the main thread only; the default action stays
+        for sig in self.signals:
+            self._handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        for sig, previous in self._handlers.items():
+            signal.signal(sig, previous)
+        self._handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Only note it (the training loop stops at the end of the iteration); a save in progress goes on."""
+        if self._signal is None:
+            self._signal = signum
+            self._signal_iteration = self._engine.state.iteration if self._engine is not None else None
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was signalled: one all-reduce (MAX) of a flag, so every rank stops at this iteration."""
+        local = self._signal is not None
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        flag = torch.tensor([int(local)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Stop after a save when a signal came (on any rank); else save every ``checkpoint_interval`` iterations."""
+        if self._stop_agreed():
+            self._stop(engine)
+        if self.checkpoint_interval and engine.state.iteration % self.checkpoint_interval == 0:
+            self.save(engine)
+
+    def _stop_if_signalled(self, engine: Engine) -> None:
+        """At an epoch's end (after its validation and save): stop when a signal came during them."""
+        if self._stop_agreed():
+            self._stop(engine)
+
+    def _stop(self, engine: Engine) -> None:
+        self.save(engine)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has written
+        self._restore_signals()
+        name = signal.Signals(self._signal).name if self._signal is not None else "a stop signal on another rank"
+        during = f" (received at iteration {self._signal_iteration})" if self._signal_iteration else ""
+        message = (
+            f"{name}{during}: stopped after iteration {engine.state.iteration} (epoch {engine.state.epoch}) and "
+            f"saved {self.path}; exit status {PREEMPTED_EXIT_CODE}. Run the same command to resume there."
+        )
+        if is_main_process():
+            logger.warning(message)
+        raise TrainingPreempted(message)
 
     def stopped(self, engine: Engine, error: BaseException) -> None:
         """Log what the checkpoint on disk still holds, then re-raise ``error`` (the command exits non-zero).
@@ -204,8 +345,9 @@ class TrainingCheckpoint:
         ignite re-raises an exception itself only when no handler is registered for EXCEPTION_RAISED,
         so this handler raises it again.
         """
+        self._restore_signals()
         reported, self._reported = self._reported, error  # ignite fires EXCEPTION_RAISED once per level it unwinds
-        said = isinstance(error, (CheckpointError, NonFiniteLossError))  # their messages say it already
+        said = isinstance(error, (CheckpointError, NonFiniteLossError, TrainingPreempted))  # said it already
         if error is not reported and not said and is_main_process():
             where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
             if self._saved_epoch is not None:
@@ -220,6 +362,7 @@ class TrainingCheckpoint:
             )
         raise error
 
+    # -- saving -----------------------------------------------------------------------------------
     def state_dict(self, engine: Engine) -> dict[str, Any]:
         state = {k: _module(v).state_dict() for k, v in self.save_dict.items()}
         scaler = getattr(engine, "scaler", None)
@@ -239,37 +382,45 @@ class TrainingCheckpoint:
             return
         self._saved_iteration = engine.state.iteration
         if is_main_process():
-            atomic_torch_save(self.state_dict(engine), self.path)
+            atomic_torch_save(self.state_dict(engine), self.path, previous=self.previous)
             self._saved_epoch = engine.state.epoch
             logger.info(f"saved {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
+    # -- resuming ---------------------------------------------------------------------------------
     def load(self, engine: Engine) -> None:
+        self._install_signals()
+        if is_main_process():
+            for tmp in remove_stale_temporaries(self.path):
+                logger.info(f"removed {tmp}, left by a save that was killed")
         if not self.resume:
             self._set_aside()
             return
-        if not self.path.is_file():
+        found = self._choose()
+        if found is None:
             self._keep_copies()
             logger.info(f"no {self.path}: training from the start")
             return
-        ckpt = self._read()
+        source, ckpt = found
         missing = [k for k in self.save_dict if k not in ckpt]
         if missing:
             raise CheckpointError(
-                f"{self.path} lacks {missing}: not a checkpoint of this bundle; pass --resume False to start over "
+                f"{source} lacks {missing}: not a checkpoint of this bundle; pass --resume False to start over "
                 "(it is then kept as a .bak file)."
             )
+        self._check_recipe(source, ckpt.get("recipe"))
         saved = ckpt["trainer"]
         max_epochs = engine.state.max_epochs
         saved_epoch = int(saved.get("epoch", saved["iteration"] // max(saved["epoch_length"], 1)))
         if saved_epoch >= max_epochs:
             raise CheckpointError(
-                f"{self.path} is from a run that already finished {saved_epoch} of max_epochs={max_epochs} epochs. "
-                f"To train longer pass a larger --max_epochs; to start over pass --resume False "
-                "(the old checkpoint.pt and model.pt are then kept as .bak files)."
+                f"{source} is from a run that already finished {saved_epoch} of max_epochs={max_epochs} epochs. "
+                f"To train longer pass a larger --max_epochs (the learning-rate schedule is stretched to it); "
+                "to start over pass --resume False (the old checkpoint.pt and model.pt are then kept as .bak files)."
             )
+        fresh = self._config_values()
         for k, obj in self.save_dict.items():
             if k != "trainer":
-                self._restore(k, _module(obj), ckpt[k])
+                self._restore(source, k, _module(obj), ckpt[k])
         engine.load_state_dict(saved)
         engine.state.max_epochs = max_epochs
         scaler = getattr(engine, "scaler", None)
@@ -278,32 +429,145 @@ class TrainingCheckpoint:
         if self.validator is not None and "validator" in ckpt:
             self.validator.state.best_metric = ckpt["validator"]["best_metric"]
             self.validator.state.best_metric_epoch = ckpt["validator"]["best_metric_epoch"]
+        self._apply_config_values(fresh, source, saved.get("max_epochs"), max_epochs)
         logger.info(
-            f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration} "
+            f"resumed from {source}: epoch {engine.state.epoch}, iteration {engine.state.iteration} "
             f"(pass --resume False to start over)"
         )
 
-    def _read(self) -> dict[str, Any]:
-        """The checkpoint's content; an empty, truncated or unsafe file is named with its fix."""
-        return read_weights(self.path, "it cannot be resumed from", _RESUME_FIX)
+    def _choose(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable generation and its content: ``checkpoint.pt``, else ``checkpoint.prev.pt``."""
+        if not self.path.is_file():
+            if not self.previous.is_file():
+                return None
+            logger.warning(f"no {self.path} but {self.previous} (a save interrupted between its two renames)")
+            return self.previous, self._read(self.previous)
+        try:
+            return self.path, self._read(self.path)
+        except CheckpointError as newest:
+            if not self.previous.is_file():
+                raise
+            try:
+                ckpt = self._read(self.previous)
+            except CheckpointError as older:
+                raise CheckpointError(f"{newest} The previous generation cannot be used either: {older}") from None
+            kept = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%d_%H%M%S')}.damaged")
+            if is_main_process():
+                os.replace(self.path, kept)
+            logger.warning(
+                f"{newest} Resuming from the previous checkpoint {self.previous}; the damaged file is {kept}"
+            )
+            self._keep_copies(f"may be newer than {self.previous.name}, whose best metric this run resumes with")
+            return self.previous, ckpt
 
-    def _restore(self, name: str, obj: Any, state: Any) -> None:
+    def _check_recipe(self, source: Path, saved: Any) -> None:
+        """Refuse a network or data value that differs from the checkpoint's recipe, naming both values."""
+        if not isinstance(saved, Mapping) or not self.recipe:
+            return
+        from .recipe import _same
+
+        diffs = [
+            (k, saved[k], v)
+            for k, v in self.recipe.items()
+            if k in saved and k not in _NOT_COMPARED and not _same(saved[k], v)
+        ]
+        if not diffs:
+            return
+        said = "; ".join(f"{k}={r!r} (this run: {k}={v!r})" for k, r, v in diffs)
+        if self.accept_mismatch:
+            logger.warning(f"{source} was trained with {said}; --accept_recipe_mismatch True: resuming anyway")
+            return
+        passes = " ".join(
+            f"--{k} {json.dumps(r)!r}" if not isinstance(r, (int, float)) else f"--{k} {r}" for k, r, _ in diffs
+        )
+        raise CheckpointError(
+            f"{source} was trained with {said}: a resume must keep the network and data recipe. Pass {passes} "
+            f"to resume, or --resume False to start over (the checkpoint is then kept as a .bak file)."
+        )
+
+    def _config_values(self) -> dict[str, Any]:
+        """This run's optimizer hyperparameters and scheduler settings, before the checkpoint replaces them."""
+        optimizer, scheduler = self.save_dict.get("optimizer"), self.save_dict.get("lr_scheduler")
+        groups = (
+            [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            if (optimizer is not None and hasattr(optimizer, "param_groups"))
+            else []
+        )
+        sched = (
+            copy.deepcopy({k: v for k, v in scheduler.state_dict().items() if k not in _PROGRESS})
+            if scheduler is not None and hasattr(scheduler, "state_dict")
+            else {}
+        )
+        return {"groups": groups, "scheduler": sched}
+
+    def _apply_config_values(self, fresh: Mapping[str, Any], source: Path, saved_max: Any, max_epochs: int) -> None:
+        """Put this run's learning rate, hyperparameters and schedule length back where the checkpoint differs."""
+        from .recipe import _same
+
+        optimizer, scheduler = self.save_dict.get("optimizer"), self.save_dict.get("lr_scheduler")
+        changes: list[str] = []
+        for k, v in fresh["scheduler"].items():
+            old = getattr(scheduler, k, None)
+            if k != "lr_lambdas" and not _same(old, v):
+                setattr(scheduler, k, v)
+                changes.append(f"lr_scheduler {k} {old} -> {v}")
+        with_schedule = bool(fresh["scheduler"]) and hasattr(scheduler, "base_lrs")
+        for i, (group, values) in enumerate(zip(getattr(optimizer, "param_groups", []), fresh["groups"], strict=True)):
+            for k, v in values.items():
+                if k == "initial_lr" or (k == "lr" and with_schedule) or k not in group or _same(group[k], v):
+                    continue
+                changes.append(f"optimizer group {i} {k} {group[k]} -> {v}")
+                group[k] = v
+        if with_schedule:
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["initial_lr"] = base
+            if any("base_lrs" in c or "t_total" in c or "warmup" in c for c in changes) and hasattr(
+                scheduler, "lr_lambdas"
+            ):
+                lrs = [
+                    base * f(scheduler.last_epoch)
+                    for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+                ]
+                for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr
+                scheduler._last_lr = lrs
+        if changes:
+            said = f"max_epochs {saved_max} -> {max_epochs}; " if saved_max != max_epochs else ""
+            logger.warning(
+                f"resuming from {source} with this run's values where they differ from the checkpoint's: {said}"
+                + "; ".join(changes)
+                + f" (learning rate now {[g['lr'] for g in optimizer.param_groups]})"
+            )
+        elif saved_max != max_epochs:
+            logger.warning(f"resuming from {source} with max_epochs {saved_max} -> {max_epochs}")
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's content; an empty, truncated or unsafe file is named with its fix."""
+        return read_weights(path, "it cannot be resumed from", _RESUME_FIX)
+
+    def _restore(self, source: Path, name: str, obj: Any, state: Any) -> None:
         """``obj.load_state_dict(state)``, with a mismatch said in one line naming the file."""
         try:
             obj.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as e:
             if isinstance(obj, torch.nn.Module) and isinstance(state, Mapping):
                 # from None: PyTorch's message lists every mismatching tensor (678 lines for a feature_size change)
-                raise CheckpointError(_state_mismatch(self.path, name, obj, state)) from None
+                raise CheckpointError(_state_mismatch(source, name, obj, state)) from None
             raise CheckpointError(
-                f"{self.path}: its {name!r} state does not fit this run ({_one_line(e, 200)}). Resume with the "
+                f"{source}: its {name!r} state does not fit this run ({_one_line(e, 200)}). Resume with the "
                 "settings it was trained with, or pass --resume False to start over (it is then kept as a .bak)."
             ) from None
 
-    def _keep_copies(self) -> None:
-        """Copy the files of ``protect`` that no checkpoint accounts for to ``.bak`` (see the class docstring)."""
+    def _keep_copies(self, reason: str | None = None) -> None:
+        """Copy the files of ``protect`` that no checkpoint accounts for to ``.bak`` (see the class docstring).
+
+        Args:
+            reason: why they are copied, when not "no checkpoint beside them" (resuming from the previous
+                generation: ``model.pt`` may be better than that checkpoint's best metric says).
+        """
         if not is_main_process():
             return
+        why = reason or f"was not written by this run (no {self.path.name} beside it)"
         stamp = time.strftime("%Y%m%d_%H%M%S")
         for name in self.protect:
             old = self.path.parent / name
@@ -311,20 +575,17 @@ class TrainingCheckpoint:
                 continue
             same = [b for b in sorted(old.parent.glob(f"{name}.*.bak")) if filecmp.cmp(old, b, shallow=False)]
             if same:
-                logger.warning(f"{old} was not written by this run (no {self.path.name}); a copy is in {same[0]}")
+                logger.warning(f"{old} {why}; a copy is in {same[0]}")
                 continue
             copy = old.with_name(f"{name}.{stamp}.bak")
             atomic_write(copy, lambda f, src=old: _copy_into(src, f))
-            logger.warning(
-                f"{old} was not written by this run (no {self.path.name} beside it): kept a copy as {copy}; "
-                f"this run's best model will replace {name}"
-            )
+            logger.warning(f"{old} {why}: kept a copy as {copy}; this run's best model will replace {name}")
 
     def _set_aside(self) -> None:
         if not is_main_process():
             return
         stamp = time.strftime("%Y%m%d_%H%M%S")
-        for name in self.protect:
+        for name in (*self.protect, self.previous.name):
             old = self.path.parent / name
             if old.is_file():
                 new = old.with_name(f"{name}.{stamp}.bak")
@@ -432,9 +693,11 @@ class StopOnNonFiniteLoss:
     """Stop training with a clear error the first time the loss is NaN or infinite.
 
     ignite's ``TerminateOnNan`` ends the run quietly (a warning, exit status 0); a multi-day run then
-    looks finished. This raises instead, so the command exits non-zero; the checkpoint of the last
-    completed epoch is left as it was (checkpoints are written at epoch ends only), and resuming
-    from it with a lower ``learning_rate`` is the usual fix.
+    looks finished. This raises instead, so the command exits non-zero; the last checkpoint (of the last
+    completed epoch, or of the last ``checkpoint_interval`` save) is left as it was, and resuming from
+    it with a lower ``learning_rate`` is the usual fix: :class:`TrainingCheckpoint` applies a changed
+    learning rate on resume. Attach it before the checkpoint handler, so that an iteration with a
+    non-finite loss is never saved.
 
     Args:
         ckpt_dir: named in the message (where the last good checkpoint is).
@@ -458,9 +721,10 @@ class StopOnNonFiniteLoss:
             if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
                 raise NonFiniteLossError(
                     f"training loss is {float(torch.as_tensor(loss).float().mean())} at epoch {engine.state.epoch}, "
-                    f"iteration {engine.state.iteration}: stopped. The checkpoint of the last completed epoch in "
-                    f"{self.ckpt_dir or 'ckpt_dir'} is kept; resume from it (the same command) with a lower "
-                    "--learning_rate, or check the data with the check_data command."
+                    f"iteration {engine.state.iteration}: stopped. The last checkpoint in {self.ckpt_dir or 'ckpt_dir'} "
+                    "(of the last completed epoch, or of the last checkpoint_interval save) is kept; resume from it "
+                    "with the same command and a lower --learning_rate (a resume applies it), or check the data "
+                    "with the check_data command."
                 )
 
 

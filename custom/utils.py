@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import torch
 __all__ = [
     "atomic_write",
     "atomic_torch_save",
+    "remove_stale_temporaries",
     "DiskFullError",
     "is_main_process",
     "class_names_from_metadata",
@@ -47,11 +50,22 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<host>.<pid>.``: a temporary file names the process writing it, so a later run can tell a
+    stale one (its writer is gone) from one being written right now."""
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", previous: str | os.PathLike | None = None
+) -> None:
     """Write ``path`` through ``write(fileobj)`` into a temporary file beside it, fsync, then rename.
 
     A process killed mid-write leaves the previous ``path`` intact (rename is atomic on POSIX);
-    the temporary file is removed on any error.
+    the temporary file is removed on any error. With ``previous``, the old ``path`` is renamed to
+    ``previous`` once the new file is complete (two generations: a newest file found damaged later
+    still has a good one beside it); a kill between the two renames leaves ``previous`` alone, which
+    readers of the pair accept.
 
     Raises:
         DiskFullError: the disk holding ``path`` is full. ``torch.save`` buries the ``ENOSPC`` under
@@ -60,13 +74,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -82,9 +98,49 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         ) from e
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` made atomic with :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_torch_save(obj: Any, path: str | os.PathLike, previous: str | os.PathLike | None = None) -> None:
+    """``torch.save`` made atomic with :func:`atomic_write` (``previous``: keep the old file under that name)."""
+    atomic_write(path, lambda f: torch.save(obj, f), previous=previous)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike, older_than_s: float = 3600.0) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left beside ``path`` when its process was killed mid-save.
+
+    A temporary file names its host and process (``.<name>.<host>.<pid>.XXXX.tmp``): one from this host
+    whose process is gone is removed; one from another host (a shared file system) or in the older
+    unnamed form (``.<name>.XXXX.tmp``) only when untouched for ``older_than_s`` seconds, so that a save
+    in progress elsewhere is never cut short.
+
+    Returns:
+        the files removed.
+    """
+    path = Path(path)
+    host = socket.gethostname()
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        middle = tmp.name[len(path.name) + 2 : -len(".tmp")].split(".")
+        try:
+            mine = len(middle) >= 3 and ".".join(middle[:-2]) == host and not _alive(int(middle[-2]))
+            old = time.time() - tmp.stat().st_mtime > older_than_s
+        except (ValueError, OSError):
+            continue
+        if mine or old:
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def class_names_from_metadata(meta_file: str | os.PathLike, output: str = "pred") -> list[str]:
