@@ -68,6 +68,7 @@ class RunLock:
     def __init__(self, ckpt_dir: str | os.PathLike) -> None:
         self.path = Path(ckpt_dir) / LOCK_NAME
         self._file = None
+        self._created_dir = False
 
     def holder(self) -> dict:
         """What the lock file says about its holder (host, pid, started); empty when unreadable or empty."""
@@ -84,6 +85,7 @@ class RunLock:
         """
         if self._file is not None or _global_rank() != 0:
             return self
+        self._created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             f = open(self.path, "a+")
@@ -129,3 +131,8 @@ class RunLock:
             pass
         self._file.close()  # closing the descriptor releases the flock
         self._file = None
+        if self._created_dir:
+            try:  # a run that stopped before writing anything (preflight refused the data) leaves no folder
+                self.path.parent.rmdir()
+            except OSError:  # not empty: this run wrote into it
+                pass

@@ -54,7 +54,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 def _lock_holder(ckpt_dir: Path) -> dict:
     try:
-        return json.loads((ckpt_dir / ".lock").read_text())
+        return json.loads((ckpt_dir / ".lock").read_text(encoding="utf-8", errors="replace"))
     except (OSError, ValueError):
         return {}
 
@@ -89,7 +89,9 @@ def test_second_run_on_a_busy_ckpt_dir_is_refused_and_a_killed_run_leaves_no_stu
         err = second.stdout + second.stderr
         assert "another training run is using this checkpoint folder" in err
         assert f"PID {first.pid}" in err and f"host {socket.gethostname()}" in err
-        assert first.wait(timeout=400) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        assert first.wait(timeout=400) == 0, (tmp_path / "first.log").read_text(encoding="utf-8", errors="replace")[
+            -3000:
+        ]
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -183,7 +185,7 @@ def _two_nodes(configs: list[str], overrides: dict, cwd: Path, tmp_path: Path, t
         for p in launchers:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    logs = [(tmp_path / f"node{n}.log").read_text(encoding="utf-8", errors="replace") for n in (0, 1)]
     assert codes == [0, 0], "\n\n".join(log[-4000:] for log in logs)
     return logs
 
