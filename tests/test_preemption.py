@@ -162,11 +162,18 @@ def _overrides(tmp: Path, dataset: Path, **extra) -> dict:
     }
 
 
-def _signal_after_an_iteration(overrides: dict, sig: int = signal.SIGTERM, after: str = "Iter: ") -> tuple[int, str]:
+def _signal_after_an_iteration(
+    overrides: dict,
+    sig: int = signal.SIGTERM,
+    after: str = "Iter: ",
+    configs: tuple[str, ...] = ("configs/train.json",),
+    python_args: tuple[str, ...] = (),
+) -> tuple[int, str]:
     """Start ``run training``, send ``sig`` once a log line says an iteration completed; its status and output."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONWARNINGS"] = "ignore"
-    cmd = bundle_command("training", ["configs/train.json"], overrides)
+    cmd = bundle_command("training", list(configs), overrides)
+    cmd[1:1] = python_args
     proc = subprocess.Popen(
         cmd, cwd=BTCV, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace"
     )
@@ -299,27 +306,9 @@ def test_under_torchrun_every_rank_stops_at_the_same_iteration_and_rank_0_writes
         case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
     (data / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
     args = _overrides(tmp_path, data, max_epochs=2)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONWARNINGS"] = "ignore"
-    cmd = bundle_command("training", ["configs/train.json", "configs/multi_gpu_train.json"], args)
-    cmd[1:1] = TORCHRUN
-    proc = subprocess.Popen(
-        cmd, cwd=BTCV, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace"
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Iter: 1/3" in line and "train_loss" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        lines.extend(proc.stdout)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = "".join(lines)
-    assert proc.returncode != 0 and (models / "checkpoint.pt").is_file(), out[-6000:]
+    configs = ("configs/train.json", "configs/multi_gpu_train.json")
+    code, out = _signal_after_an_iteration(args, after="Iter: 1/3", configs=configs, python_args=TORCHRUN)
+    assert code != 0 and (models / "checkpoint.pt").is_file(), out[-6000:]
     stops = re.findall(r"stopped after iteration (\d+)", out)
     saved = torch.load(models / "checkpoint.pt", weights_only=True)["trainer"]["iteration"]
     assert stops and set(stops) == {str(saved)} and 2 <= saved < 6, out[-3000:]
