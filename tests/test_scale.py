@@ -115,34 +115,21 @@ def test_second_run_on_a_busy_ckpt_dir_is_refused_and_a_killed_run_leaves_no_stu
     assert torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 1
 
 
+def _acquire_in_a_child(ckpt_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    """``RunLock(ckpt_dir).acquire()`` in another Python process, with ``env`` added to its environment."""
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from custom.run_lock import RunLock; "
+    code += f"RunLock({str(ckpt_dir)!r}).acquire()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**_env(), **env})
+
+
 def test_lock_is_per_process_and_skipped_by_other_ranks(tmp_path, monkeypatch):
     from custom.run_lock import RunLock
 
     lock = RunLock(tmp_path).acquire()
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; sys.path.insert(0, {str(REPO)!r}); from custom.run_lock import RunLock; "
-            f"RunLock({str(tmp_path)!r}).acquire()",
-        ],
-        capture_output=True,
-        text=True,
-        env=_env(),
-    )
+    child = _acquire_in_a_child(tmp_path)
     assert child.returncode != 0 and f"PID {os.getpid()}" in child.stderr
     monkeypatch.setenv("RANK", "1")  # another rank of the same run: no lock taken, no refusal
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; sys.path.insert(0, {str(REPO)!r}); from custom.run_lock import RunLock; "
-            f"RunLock({str(tmp_path)!r}).acquire()",
-        ],
-        capture_output=True,
-        text=True,
-        env={**_env(), "RANK": "1"},
-    )
+    child = _acquire_in_a_child(tmp_path, RANK="1")
     assert child.returncode == 0, child.stderr
     lock.release()
     assert not (tmp_path / ".lock").exists()
