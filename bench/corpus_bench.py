@@ -33,7 +33,7 @@ def run(copies: int, workers: list[int], pixdim: list[float] | None, project: in
     import sys
 
     sys.path.insert(0, str(REPO))
-    from custom.ssl_data import preprocess_corpus
+    from custom.data.ssl_corpus import preprocess_corpus
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

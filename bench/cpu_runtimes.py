@@ -7,10 +7,10 @@ Sliding-window inference (gaussian, overlap 0.5, sw_batch_size 4) over a volume 
 96^3 (``--size full``, slow here). Rows, each timed in turn, rounds alternating:
 
 - eager with MONAI's window attention (the model zoo's network as it is);
-- eager with SDPA window attention (the bundles' default, ``custom.networks.speed_options``);
+- eager with SDPA window attention (the bundles' default, ``custom.networks.options.speed_options``);
 - TorchScript: ``torch.jit.trace`` of the SDPA network, frozen and ``optimize_for_inference``;
 - ONNX Runtime (CPU execution provider, all graph optimisations): the SDPA network exported by
-  ``torch.onnx.export`` (TorchScript-based exporter, opset 17) through ``custom.runtimes``, the
+  ``torch.onnx.export`` (TorchScript-based exporter, opset 17) through ``custom.networks.runtimes``, the
   bundles' ``onnx_runtime`` option.
 
 Each row reports median seconds per volume, the ratio to the eager SDPA row, and the largest logit
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.levers import swin_unetr  # noqa: E402
-from custom.runtimes import OnnxRuntimePredictor  # noqa: E402
+from custom.networks.runtimes import OnnxRuntimePredictor  # noqa: E402
 
 SIZES = {"small": (12, 64), "full": (48, 96)}
 SHAPE = (122, 101, 112)

@@ -3,7 +3,7 @@
     python bench/levers.py --size full --out bench/results/levers_<device>.json
 
 The pipelines of ``bench/compare.py`` include data loading; this isolates the model's own compute,
-where the levers of ``custom.networks.speed_options`` and the configs act. Training: Swin UNETR,
+where the levers of ``custom.networks.options.speed_options`` and the configs act. Training: Swin UNETR,
 DiceCE, 4 crops per step on random inputs (never zeros), median seconds per step after warm-up and
 peak memory, starting from the model zoo's settings (fp16 autocast with a GradScaler, gradient
 checkpointing, cudnn.benchmark off, Adam, MONAI's attention) and switching one thing per row.
@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.networks import speed_options  # noqa: E402
+from custom.networks.options import speed_options  # noqa: E402
 
 #: feature_size, crop edge, inference volume (ct_full at 3 mm on the CPU, at the BTCV spacing on a GPU)
 SIZES = {"small": (12, 64, (122, 101, 112)), "full": (48, 96, (244, 202, 168))}

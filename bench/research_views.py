@@ -6,7 +6,7 @@ summed volume reaches U(0, 0.3) of the crop (edges ``[int(0.05 s), int(0.25 s))`
 border, as ``patch_rand_drop`` draws them), filling each with min-max normalised Gaussian noise made
 on the device, then does the same for boxes swapped in from a random sample (none when it draws
 itself), in place; each box's size is read back to the host, as per-box bookkeeping does. Same outputs (keys, shapes, dtypes) as
-:class:`custom.ssl.SSLViews`, so the SSL engines take either (``bench/zoo_recipe/ssl_train.json``).
+:class:`custom.networks.ssl.SSLViews`, so the SSL engines take either (``bench/zoo_recipe/ssl_train.json``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def loop_views(
 
 
 class ResearchViews:
-    """Callable like :class:`custom.ssl.SSLViews` (``seed``, ``reset()``), views from :func:`loop_views`."""
+    """Callable like :class:`custom.networks.ssl.SSLViews` (``seed``, ``reset()``), views from :func:`loop_views`."""
 
     def __init__(self, seed: int | None = 0) -> None:
         self.seed = seed

@@ -203,7 +203,7 @@ def measure(spec: dict) -> dict:
     from monai.data import CacheDataset, DataLoader, Dataset
     from monai.utils import set_determinism
 
-    from custom.ssl_data import MemmapCropDataset, preprocess_corpus
+    from custom.data.ssl_corpus import MemmapCropDataset, preprocess_corpus
 
     sampler = MemorySampler()
     sampler.start()

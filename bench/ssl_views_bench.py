@@ -1,4 +1,4 @@
-"""SSL view generation: batched on the device (``custom.ssl.SSLViews``) against a per-sample loop.
+"""SSL view generation: batched on the device (``custom.networks.ssl.SSLViews``) against a per-sample loop.
 
     python bench/ssl_views_bench.py [--device cuda] [--batch 8] [--size 96] [--repeats 20] [--out file.json]
 
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.research_views import loop_views  # noqa: E402
-from custom.ssl import SSLViews  # noqa: E402
+from custom.networks.ssl import SSLViews  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

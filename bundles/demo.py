@@ -1,6 +1,6 @@
 """``make demo``: the paper's pipeline end to end on the project's real CT sample, through the bundle commands.
 
-1. import the slab's TotalSegmentator labels into the 13 BTCV classes (``custom.label_import``),
+1. import the slab's TotalSegmentator labels into the 13 BTCV classes (``custom.tools.label_import``),
 2. pre-train the Swin encoder self-supervised on ``ct_full.nii.gz`` with the SSL bundle
    (``swin_unetr_ssl``, ``run training``): inpainting + rotation + contrastive, a few minutes,
 3. fine-tune a small Swin UNETR (feature_size 12, 64^3 crops) from that encoder with the BTCV
@@ -44,7 +44,7 @@ DEMO_OVERRIDES = {
     "num_workers": 0,
 }
 #: what evaluation and inference are given: run-time choices only; the sizes come from the recipe saved in
-#: model.pt by the fine-tuning (``custom.recipe``), so they are typed once, for training
+#: model.pt by the fine-tuning (``custom.networks.recipe``), so they are typed once, for training
 DEMO_RUNTIME = {k: DEMO_OVERRIDES[k] for k in ("amp", "num_workers")}
 #: training schedule of the demo: steps = epochs x epoch_length, two 64^3 crops per step
 DEMO_TRAINING = {

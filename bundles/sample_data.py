@@ -1,7 +1,7 @@
 """Turn the project's real CT sample (``shared/data/ct_sample``) into a BTCV-layout dataset folder.
 
 The sample has one labelled 30-slice slab (TotalSegmentator labels, imported into the BTCV classes
-with ``custom.label_import``) and one unlabelled full CT. The dataset folder gets::
+with ``custom.tools.label_import``) and one unlabelled full CT. The dataset folder gets::
 
     imagesTr/img0001.nii.gz     the slab (link)
     labelsTr/label0001.nii.gz   its labels in BTCV indices (written)
@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from custom.label_import import import_labels
+from custom.tools.label_import import import_labels
 
 __all__ = ["DEFAULT_SAMPLE_DIR", "prepare_sample_dataset"]
 

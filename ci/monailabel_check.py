@@ -13,7 +13,7 @@ What it does, in order (every step bounded in time; the server is always stopped
    environment through ``python -m monai.bundle run training`` on the sample dataset;
 3. assembles a ``monaibundle`` app in a temporary folder: the sample app from the MONAI Label package,
    a stand-alone copy of ``swin_unetr_btcv`` (links followed) under ``model/swin_unetr_btcv/`` with
-   that ``models/model.pt``, its configs untouched: the recipe saved in ``model.pt`` (``custom.recipe``)
+   that ``models/model.pt``, its configs untouched: the recipe saved in ``model.pt`` (``custom.networks.recipe``)
    gives MONAI Label the tiny model's feature_size, ROI and spacing, nothing is retyped by hand;
 4. starts ``monailabel start_server`` (as ``<venv>/bin/python -m monailabel.main``, see ``Server.start``)
    on 127.0.0.1 with a free port, no network needed
@@ -246,7 +246,7 @@ def assemble_app(venv: Path, model: Path, work: Path, project_python: str) -> tu
     dst = app / "model" / BUNDLE_NAME
     # copytree follows symlinks by default: custom -> ../custom becomes a real folder
     shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("__pycache__", "models", "outputs", "eval", "*.pyc"))
-    if (dst / "custom").is_symlink() or not (dst / "custom" / "transforms.py").is_file():
+    if (dst / "custom").is_symlink() or not (dst / "custom" / "data" / "transforms.py").is_file():
         raise CheckFailedError(f"{dst / 'custom'} is not a real copy of custom/")
     (dst / "models").mkdir()
     shutil.copy2(model, dst / "models" / "model.pt")

@@ -12,7 +12,7 @@ its pre-merge scripts and ``setup.cfg``), and what each check here does:
 ``files``
     ``configs/metadata.json``, ``configs/inference.json``, ``LICENSE`` and ``docs/README.md`` exist. The
     zoo fetches a bundle's weights through ``large_files.yml`` (``large_files:`` entries of ``path``,
-    ``url``, ``hash_val``, ``hash_type``); ``custom.weights.verified_path`` checks files listed there
+    ``url``, ``hash_val``, ``hash_type``); ``custom.networks.weights.verified_path`` checks files listed there
     before loading them, by sha256 here. So a bundle's listing is checked the way that code reads it:
     the file is named ``large_files.yml``, each entry has a ``path`` under ``models/``, a ``url``,
     ``hash_type`` sha256 and a 64-hex ``hash_val``, and a listed file that is present has that
@@ -99,7 +99,7 @@ INFERENCE = "configs/inference.json"
 TRAIN = "configs/train.json"
 NET_ID = "network_def"
 REQUIRED_FILES = (META, INFERENCE, "LICENSE", "docs/README.md")
-#: the names the zoo accepts for the large-file listing; ``custom.weights.verified_path`` reads the first
+#: the names the zoo accepts for the large-file listing; ``custom.networks.weights.verified_path`` reads the first
 LARGE_FILES = ("large_files.yml", "large_files.yaml", "large_files.json")
 #: per-bundle checks, cheap first, in the order they run
 BUNDLE_CHECKS = ("files", "metadata", "json_format", "net_in_out", "properties", "torchscript")
@@ -159,7 +159,7 @@ def large_files_problems(bundle: str | os.PathLike) -> list[str]:
     root = Path(bundle)
     present = [n for n in LARGE_FILES if (root / n).is_file()]
     problems = [
-        f"{n}: custom.weights.verified_path reads only large_files.yml: rename it, or its files are never checked"
+        f"{n}: custom.networks.weights.verified_path reads only large_files.yml: rename it, or its files are never checked"
         for n in present
         if n != "large_files.yml"
     ]

@@ -175,7 +175,7 @@ def seed_everything(seed: int | None, rank: int | None = None) -> int | None:
     exactly what ``set_determinism(seed)`` draws. What else follows the global generators: MONAI's
     ``DataLoader`` seeds its transforms' own random states (``Randomizable.R``) and its workers from
     torch's global generator (``monai.data.utils.set_rnd``, ``worker_init_fn``), and
-    ``custom.ssl.SSLViews(seed=None)`` seeds its generator from it, so they differ per rank too.
+    ``custom.networks.ssl.SSLViews(seed=None)`` seeds its generator from it, so they differ per rank too.
     ``DistributedSampler`` keeps its own ``seed`` (same on every rank, as the split needs).
 
     Args:

@@ -10,7 +10,7 @@ from conftest import BTCV, REPO
 from ci.zoo_checks import json_format_problem
 
 CONFIGS = sorted(REPO.glob("swin_unetr_*/configs/*.json"))
-#: values inference.json takes from the weights' recipe (``custom.recipe``), else the training default
+#: values inference.json takes from the weights' recipe (``custom.networks.recipe``), else the training default
 FROM_THE_RECIPE = ["num_classes", "pixdim", "intensity_range", "roi_size", "feature_size", "legacy_merging"]
 #: values inference.json must repeat from train.json (MONAI Label and users run inference.json alone)
 SHARED_WITH_INFERENCE = [
@@ -117,7 +117,7 @@ def test_inference_repeats_the_training_recipe_exactly():
         **parsed(BTCV, "train.json", ids),
         "legacy_merging": False,
     }
-    assert train["legacy_merging"] is None  # from pretrained_path; none: MONAI's order (custom.weights)
+    assert train["legacy_merging"] is None  # from pretrained_path; none: MONAI's order (custom.networks.weights)
 
 
 def test_contract_ids_present():

@@ -1,4 +1,4 @@
-"""The evaluation's Dice rule (custom/evaluation.py) and metrics.json (custom/handlers.py EvaluationReport)."""
+"""The evaluation Dice rule (custom/segmentation/evaluation.py) and metrics.json (custom/segmentation/report.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import DiceMetric
 
-from custom.evaluation import CheckSameGridd, LabelDiceMetric, label_dice
-from custom.handlers import EvaluationReport
+from custom.segmentation.evaluation import CheckSameGridd, LabelDiceMetric, label_dice
+from custom.segmentation.report import EvaluationReport
 
 
 def one_hot(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_evaluation_repeats_the_inference_steps(bundle):
     assert steps(evaluate["validate#preprocessing#transforms"], ()) == steps(
         inference["preprocessing"]["transforms"], ()
     )
-    post = steps(evaluate["validate#postprocessing#transforms"], ("custom.evaluation.CheckSameGridd",))
+    post = steps(evaluate["validate#postprocessing#transforms"], ("custom.segmentation.evaluation.CheckSameGridd",))
     expected = steps(inference["postprocessing"]["transforms"], ("SaveImaged",))
     for t in expected:
         if t["_target_"] == "Invertd":

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.label_import import TOTALSEG_V2_TO_BTCV, import_labels, load_mapping, main, remap_labels
+from custom.tools.label_import import TOTALSEG_V2_TO_BTCV, import_labels, load_mapping, main, remap_labels
 
 #: voxel counts per BTCV class in the sample slab, from shared/data/ct_sample/README.md
 README_COUNTS = {

@@ -13,7 +13,7 @@ from conftest import REPO, run_bundle
 from monai.bundle import ConfigParser
 from msd_tasks import OFFICIAL, make_task
 
-from custom.msd import (
+from custom.segmentation.msd import (
     BRATS_REGIONS,
     MSD_TRAINING_CASES,
     TASK_RECIPES,

@@ -9,7 +9,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMerging
 
-from custom.networks import LegacyPatchMerging, SDPAWindowAttention, downsample_option, speed_options
+from custom.networks.options import LegacyPatchMerging, SDPAWindowAttention, downsample_option, speed_options
 
 
 def _reference_legacy(m: LegacyPatchMerging, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from conftest import BTCV, SMALL, TORCHRUN, bundle_command, run_bundle
 from ignite.engine import Engine, Events
 from monai.optimizers import WarmupCosineSchedule
 
-from custom.handlers import PREEMPTED_EXIT_CODE, CheckpointError, TrainingCheckpoint, TrainingPreempted
+from custom.engines.checkpoint import PREEMPTED_EXIT_CODE, CheckpointError, TrainingCheckpoint, TrainingPreempted
 from custom.utils import atomic_torch_save, remove_stale_temporaries
 
 

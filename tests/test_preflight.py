@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
 
-from custom.cases import SKIPPED
-from custom.preflight import DataCheck, DataCheckError
+from custom.data.cases import SKIPPED
+from custom.data.preflight import DataCheck, DataCheckError
 
 
 def save(path: Path, data: np.ndarray, affine=None) -> str:
@@ -119,7 +119,7 @@ def test_small_volume_is_noted_not_refused(tmp_path, caplog):
     save(tmp_path / "i.nii.gz", np.zeros((30, 30, 10), np.float32))
     save(tmp_path / "l.nii.gz", np.zeros((30, 30, 10), np.uint8))
     c = check(tmp_path, '{"training": [{"image": "i.nii.gz", "label": "l.nii.gz"}]}')
-    with caplog.at_level("INFO", logger="custom.preflight"):
+    with caplog.at_level("INFO", logger="custom.data.preflight"):
         assert c.run() == 1
     assert "smaller than roi_size" in caplog.text and "zero-padded" in caplog.text
 

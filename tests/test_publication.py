@@ -27,7 +27,7 @@ def test_archive_is_reproducible_and_self_contained(tmp_path):
         infos = zf.infolist()
     assert names == sorted(names)
     assert all(n.startswith("swin_unetr_btcv/") for n in names)
-    assert "swin_unetr_btcv/custom/weights.py" in names and "swin_unetr_btcv/configs/train.json" in names
+    assert "swin_unetr_btcv/custom/networks/weights.py" in names and "swin_unetr_btcv/configs/train.json" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/models/" in n]
     assert all(
         i.date_time == (1980, 1, 1, 0, 0, 0) and not (i.external_attr >> 16) & 0o170000 == 0o120000 for i in infos
@@ -40,7 +40,7 @@ def test_index_and_download_refuse_a_mismatching_archive(tmp_path):
     version = json.loads((BTCV / "configs" / "metadata.json").read_text())["version"]
     assert index[f"swin_unetr_btcv_v{version}"]["checksum"] == sha256(archive)
     got = download_bundle("swin_unetr_btcv", str(tmp_path / "dist" / "model_info.json"), tmp_path / "ok")
-    assert (got / "configs" / "inference.json").is_file() and (got / "custom" / "weights.py").is_file()
+    assert (got / "configs" / "inference.json").is_file() and (got / "custom" / "networks" / "weights.py").is_file()
     archive.write_bytes(archive.read_bytes() + b"tampered")
     with pytest.raises(ValueError, match="checksum differs from the index"):
         download_bundle("swin_unetr_btcv", str(tmp_path / "dist" / "model_info.json"), tmp_path / "bad")
@@ -152,7 +152,7 @@ def test_inference_through_onnx_runtime_matches_pytorch(trained, tmp_path, sampl
 def test_onnx_runtime_option_is_checked():
     from monai.networks.nets import SwinUNETR
 
-    from custom.runtimes import OnnxRuntimePredictor, cpu_predictor
+    from custom.networks.runtimes import OnnxRuntimePredictor, cpu_predictor
 
     net = SwinUNETR(1, 2, feature_size=12).eval()
     assert cpu_predictor(net, False, (64, 64, 64)) is net

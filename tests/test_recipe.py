@@ -15,7 +15,7 @@ from conftest import BTCV, REPO, SMALL, run_bundle
 from monai.bundle import ConfigParser
 from msd_tasks import make_task
 
-from custom.recipe import RecipeMismatchError, check_recipe
+from custom.networks.recipe import RecipeMismatchError, check_recipe
 
 MSD = REPO / "swin_unetr_msd"
 #: the sizes the ``trained`` fixture trained with (SMALL): inference must find them in model.pt
@@ -73,7 +73,7 @@ def test_contradicting_override_is_refused_naming_both_values(trained, input_dir
 
 def test_accepting_the_mismatch_deliberately_builds_the_config_s_values(trained, caplog):
     parser = inference_parser(BTCV, trained["ckpt_dir"], roi_size=[96, 96, 96], accept_recipe_mismatch=True)
-    with caplog.at_level(logging.WARNING, logger="custom.recipe"):
+    with caplog.at_level(logging.WARNING, logger="custom.networks.recipe"):
         parser.get_parsed_content("network_def")
     assert parser.get_parsed_content("inferer").roi_size == [96, 96, 96]
     assert "roi_size=[64, 64, 64], the config says roi_size=[96, 96, 96]" in caplog.text
@@ -87,7 +87,7 @@ def test_weights_without_a_recipe_use_the_config_and_say_so(trained, tmp_path, c
     old.mkdir()
     torch.save(torch.load(Path(trained["ckpt_dir"]) / "model.pt", weights_only=True)["model"], old / "model.pt")
     parser = inference_parser(BTCV, old, feature_size=12, roi_size=[64, 64, 64], pixdim=[3.0, 3.0, 3.0])
-    with caplog.at_level(logging.INFO, logger="custom.recipe"):
+    with caplog.at_level(logging.INFO, logger="custom.networks.recipe"):
         net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(old / "model.pt", weights_only=True))
     assert "carries no recipe" in caplog.text and "using the config's values" in caplog.text

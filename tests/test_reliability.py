@@ -18,9 +18,10 @@ import torch
 from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
 from ignite.engine import Engine
 
-from custom.handlers import NonFiniteLossError, StopOnNonFiniteLoss, TrainingCheckpoint
+from custom.engines.checkpoint import TrainingCheckpoint
+from custom.engines.monitoring import NonFiniteLossError, StopOnNonFiniteLoss
+from custom.networks.weights import load_swinvit_weights, verified_path
 from custom.utils import atomic_torch_save, atomic_write
-from custom.weights import load_swinvit_weights, verified_path
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path):
@@ -40,7 +41,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path):
 def test_every_torch_load_in_custom_is_weights_only():
     calls = [
         (p.name, line.strip())
-        for p in (REPO / "custom").glob("*.py")
+        for p in (REPO / "custom").rglob("*.py")
         for line in p.read_text().splitlines()
         if "torch.load(" in line and not line.strip().startswith(("#", ">>>"))
     ]
@@ -245,7 +246,7 @@ def _one_step_epochs(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
 def test_checked_thread_loader_raises_what_its_thread_met(tmp_path):
     from monai.transforms import Compose, Lambdad
 
-    from custom.train_data import CaseLoadError, CheckedCacheDataset, CheckedThreadDataLoader
+    from custom.data.train_data import CaseLoadError, CheckedCacheDataset, CheckedThreadDataLoader
 
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"")

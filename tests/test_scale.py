@@ -117,13 +117,13 @@ def test_second_run_on_a_busy_ckpt_dir_is_refused_and_a_killed_run_leaves_no_stu
 
 def _acquire_in_a_child(ckpt_dir: Path, **env: str) -> subprocess.CompletedProcess:
     """``RunLock(ckpt_dir).acquire()`` in another Python process, with ``env`` added to its environment."""
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from custom.run_lock import RunLock; "
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from custom.engines.run_lock import RunLock; "
     code += f"RunLock({str(ckpt_dir)!r}).acquire()"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**_env(), **env})
 
 
 def test_lock_is_per_process_and_skipped_by_other_ranks(tmp_path, monkeypatch):
-    from custom.run_lock import RunLock
+    from custom.engines.run_lock import RunLock
 
     lock = RunLock(tmp_path).acquire()
     child = _acquire_in_a_child(tmp_path)
@@ -221,7 +221,7 @@ def test_cache_estimate_matches_the_real_cache_of_the_sample_ct_and_falls_back(s
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
-    from custom.cache_plan import CachePlan
+    from custom.data.cache_plan import CachePlan
 
     full = nib.load(sample_dataset / "imagesTs" / "ct_full.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros(full.shape, np.uint8), full.affine), tmp_path / "label_full.nii.gz")

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 
-from custom.ssl import SSLHead, SSLLoss, SSLViews, released_to_ssl_state, ssl_state_to_released
-from custom.weights import load_swinvit_weights
+from custom.networks.ssl import SSLHead, SSLLoss, SSLViews, released_to_ssl_state, ssl_state_to_released
+from custom.networks.weights import load_swinvit_weights
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from conftest import BTCV, REPO, TORCHRUN, run_bundle
 from monai.bundle import ConfigParser
 
-from custom.ssl import SSLHead, released_to_ssl_state
+from custom.networks.ssl import SSLHead, released_to_ssl_state
 
 SSL = REPO / "swin_unetr_ssl"
 SMALL_SSL = {
@@ -79,7 +79,7 @@ def test_encoder_hands_over_to_btcv_with_every_tensor_matched(pretrained, caplog
     parser.update(
         {"feature_size": 12, "use_checkpoint": False, "pretrained_path": str(encoder), "device": "$torch.device('cpu')"}
     )
-    with caplog.at_level("INFO", logger="custom.weights"):
+    with caplog.at_level("INFO", logger="custom.networks.weights"):
         net = parser.get_parsed_content("network")
     assert "matched 126 of 126 encoder tensors" in caplog.text
     ssl = released_to_ssl_state(torch.load(encoder, weights_only=True))
@@ -131,7 +131,7 @@ def test_inference_reconstructs_a_whole_volume_on_its_own_grid(tmp_path, sample_
     import nibabel as nib
     import numpy as np
 
-    from custom.ssl import ssl_state_to_released
+    from custom.networks.ssl import ssl_state_to_released
 
     models, inp = tmp_path / "models", tmp_path / "in"
     models.mkdir()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom.ssl_data import CorpusError, MemmapCropDataset, load_ssl_datalists, main, preprocess_corpus
+from custom.data.ssl_corpus import CorpusError, MemmapCropDataset, load_ssl_datalists, main, preprocess_corpus
 
 ROI = (16, 16, 16)
 #: the body (HU > -1000) inside each 40 x 36 x 30 test volume; the rest is air
@@ -128,7 +128,7 @@ def test_preprocess_stores_cropped_volumes_and_index(dataset):
 def test_an_image_listed_twice_is_stored_once_under_its_first_section(dataset, caplog):
     twice = ["imagesTr/ct0.nii.gz", str(dataset / "imagesTr" / "ct0.nii.gz")]  # relative and absolute
     _datalist(dataset / "dl.json", twice, ["imagesTr/ct0.nii.gz", "imagesTs/ct3.nii.gz"])
-    with caplog.at_level("WARNING", logger="custom.ssl_data"):
+    with caplog.at_level("WARNING", logger="custom.data.ssl_corpus"):
         index_file = preprocess_corpus(dataset / "dl.json", dataset, dataset / "corpus", roi_size=ROI)
     index = json.loads(index_file.read_text())
     assert [(Path(v["source"]).name, v["section"]) for v in index["volumes"]] == [
@@ -241,7 +241,7 @@ def test_unreadable_images_are_listed_and_the_rest_indexed(dataset):
 
 
 def test_interrupted_run_keeps_what_is_done(dataset, monkeypatch):
-    import custom.ssl_data as ssl_data
+    import custom.data.ssl_corpus as ssl_data
 
     real, calls = ssl_data._preprocess_one, []
 
@@ -378,7 +378,15 @@ def test_cli_writes_the_corpus_and_reports_errors(dataset, capsys):
 
 def test_module_runs_as_a_command(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "custom.ssl_data", "--datalist", str(tmp_path / "nope.json"), "--dataset_dir", "."]
+        [
+            sys.executable,
+            "-m",
+            "custom.tools.ssl_corpus",
+            "--datalist",
+            str(tmp_path / "nope.json"),
+            "--dataset_dir",
+            ".",
+        ]
         + ["--out_dir", str(tmp_path / "out")],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
@@ -404,7 +412,7 @@ def test_two_workers_give_the_same_index_and_files_as_one(dataset):
 
 
 def test_two_shards_then_a_merge_equal_one_run_and_the_index_is_merged_once(dataset, monkeypatch, capsys):
-    import custom.ssl_data as ssl_data
+    import custom.data.ssl_corpus as ssl_data
 
     one = preprocess_corpus(dataset / "datalist.json", dataset, dataset / "one", roi_size=ROI)
     out = dataset / "sharded"
@@ -429,7 +437,7 @@ def test_two_shards_then_a_merge_equal_one_run_and_the_index_is_merged_once(data
 
 
 def test_a_resumed_shard_does_not_redo_finished_volumes(dataset, monkeypatch):
-    import custom.ssl_data as ssl_data
+    import custom.data.ssl_corpus as ssl_data
 
     real, calls = ssl_data._preprocess_one, []
 
@@ -497,7 +505,7 @@ def test_ssl_train_workflow_initialises_on_a_fresh_data_folder(dataset, tmp_path
 def _corpus_on_rank(rank: int, init_file: str, runs: dict, results: dict) -> None:
     import torch.distributed as dist
 
-    from custom.ssl_data import Corpus
+    from custom.data.ssl_corpus import Corpus
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

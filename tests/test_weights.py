@@ -10,9 +10,9 @@ from conftest import BTCV
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
-from custom.networks import LegacyPatchMerging
-from custom.ssl import SSLHead, ssl_state_to_released
-from custom.weights import PretrainedWeightsError, load_swinvit_weights, validate_optional_path
+from custom.networks.options import LegacyPatchMerging
+from custom.networks.ssl import SSLHead, ssl_state_to_released
+from custom.networks.weights import PretrainedWeightsError, load_swinvit_weights, validate_optional_path
 
 BLOCK_TENSORS = [
     "norm1.weight",
@@ -76,7 +76,7 @@ def test_all_encoder_tensors_matched_extras_ignored(tmp_path, caplog):
     state = make_released_file(tmp_path / "model_swinvit.pt")
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, downsample=LegacyPatchMerging)
     decoder_before = net.out.conv.conv.weight.clone()
-    with caplog.at_level(logging.INFO, logger="custom.weights"):
+    with caplog.at_level(logging.INFO, logger="custom.networks.weights"):
         report = load_swinvit_weights(net, tmp_path / "model_swinvit.pt")
     assert len(report.matched) == 126 and report.expected == 126
     assert sorted(report.ignored) == sorted(EXTRAS)
@@ -164,7 +164,7 @@ def test_train_config_network_loads_pretrained_path(tmp_path):
 def test_released_file_without_record_builds_the_old_merging_order_and_says_so(tmp_path, caplog):
     """The paper's release (released layout, no record) was trained with MONAI < 1.5's order: chosen, logged."""
     make_released_file(tmp_path / "model_swinvit.pt")
-    with caplog.at_level(logging.INFO, logger="custom.weights"):
+    with caplog.at_level(logging.INFO, logger="custom.networks.weights"):
         net = train_parser(tmp_path / "model_swinvit.pt").get_parsed_content("network")  # legacy_merging: null
     assert merging_classes(net) == {"LegacyPatchMerging"}
     assert "the paper's release" in caplog.text and "legacy_merging True" in caplog.text
@@ -186,7 +186,7 @@ def test_explicit_merging_order_contradicting_the_file_is_refused_unless_accepte
         train_parser(tmp_path / "model_swinvit.pt", legacy_merging=False).get_parsed_content("network", lazy=False)
     message = str(err.value.__cause__)
     assert "legacy_merging=False" in message and "MONAI < 1.5's order" in message and "--legacy_merging None" in message
-    with caplog.at_level(logging.WARNING, logger="custom.weights"):
+    with caplog.at_level(logging.WARNING, logger="custom.networks.weights"):
         parser = train_parser(tmp_path / "model_swinvit.pt", legacy_merging=False, accept_recipe_mismatch=True)
         net = parser.get_parsed_content("network")
     assert merging_classes(net) == {"PatchMerging"} and "--accept_recipe_mismatch True" in caplog.text

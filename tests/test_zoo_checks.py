@@ -26,7 +26,7 @@ from ci.zoo_checks import (
     lint_findings,
     run_checks,
 )
-from custom.weights import verified_path
+from custom.networks.weights import verified_path
 
 SSL = REPO / "swin_unetr_ssl"
 CLI = [sys.executable, str(REPO / "ci" / "zoo_checks.py")]
@@ -173,7 +173,7 @@ def test_large_files_listing_is_checked_as_verified_path_reads_it(tmp_path):
         check_files(bundle)
     assert e.value.problems == [
         "LICENSE: missing",
-        "large_files.yaml: custom.weights.verified_path reads only large_files.yml: rename it, or its files are "
+        "large_files.yaml: custom.networks.weights.verified_path reads only large_files.yml: rename it, or its files are "
         "never checked",
         "large_files.yml: ../model.pt: path must lie under models/ (relative to the bundle root)",
         "large_files.yml: models/other.pt: url missing or not an http(s) URL, got None",

@@ -9,7 +9,7 @@ in its background thread and the run ends with exit status 0, some cases never w
   (unless ``overwrite``), after checking that ``output_dir`` can take the outputs;
 - :class:`CaseDataset`: a ``monai.data.Dataset`` whose items come back as a marker naming the file and the
   reason when loading or preprocessing fails (DICOM series are checked first, see
-  :func:`custom.data.dicom_series_problem`); markers travel through worker processes and collation;
+  :func:`custom.data.inputs.dicom_series_problem`); markers travel through worker processes and collation;
 - :class:`CaseEvaluator`: a ``SupervisedEvaluator`` that passes markers by, also records a case whose
   inference or saving fails, and ends with one summary: written, skipped, failed. Any failure raises
   :class:`CaseFailures` after all other cases are done, so the command exits non-zero.
@@ -25,7 +25,7 @@ from pathlib import Path
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 
-from custom.data import case_name, checked_output_dir, dicom_series_problem, list_images
+from custom.data.inputs import case_name, checked_output_dir, dicom_series_problem, list_images
 from custom.utils import one_line_reason
 
 __all__ = ["FAILED", "SKIPPED", "CaseFailures", "plan_cases", "CaseDataset", "CaseEvaluator"]
@@ -49,12 +49,12 @@ def plan_cases(
     output_postfix: str = "seg",
     output_ext: str = ".nii.gz",
 ) -> list[dict]:
-    """Every input of ``input_dir`` (:func:`custom.data.list_images`); those whose output exists marked skipped.
+    """Every input of ``input_dir`` (:func:`custom.data.inputs.list_images`); those whose output exists marked skipped.
 
     Args:
         input_dir: the folder to segment.
         output_dir: where ``SaveImaged`` writes ``<case>_<output_postfix><output_ext>``
-            (:func:`custom.data.case_name`); checked by :func:`custom.data.checked_output_dir`.
+            (:func:`custom.data.inputs.case_name`); checked by :func:`custom.data.inputs.checked_output_dir`.
         overwrite: replace existing outputs; False (default) keeps them and skips their input.
         output_postfix: ``SaveImaged``'s ``output_postfix``.
         output_ext: ``SaveImaged``'s ``output_ext``.
@@ -79,7 +79,7 @@ class CaseDataset(Dataset):
     """``monai.data.Dataset`` returning ``{"image": path, FAILED: reason}`` for an item that fails to load.
 
     A skipped item (:data:`SKIPPED`) is returned as it is, unread. A DICOM folder is checked first by
-    :func:`custom.data.dicom_series_problem`.
+    :func:`custom.data.inputs.dicom_series_problem`.
 
     Args:
         data: items as :func:`plan_cases` returns them.

@@ -3,7 +3,7 @@
 MONAI's ``SupervisedTrainer``/``SupervisedEvaluator`` already do the device moves, AMP with a
 gradient scaler, gradient accumulation, ``torch.compile`` and the iteration events the stock handlers
 listen to. SSL differs only in where inputs and targets come from: two corrupted views made from each
-batch on the device (:class:`custom.ssl.SSLViews`), with rotation labels and uncorrupted crops as
+batch on the device (:class:`custom.networks.ssl.SSLViews`), with rotation labels and uncorrupted crops as
 targets. So the engines here only swap in :class:`SSLBatch` as ``prepare_batch`` and put the three
 loss terms into the iteration output (``loss_rotation``, ``loss_contrastive``, ``loss_reconstruction``)
 for the loggers. Output keys are MONAI's ``CommonKeys``: ``image`` (the views), ``label`` (targets),
@@ -19,7 +19,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
-from .ssl import SSLViews
+from custom.networks.ssl import SSLViews
 
 __all__ = ["SSLBatch", "SSLTrainer", "SSLEvaluator"]
 
@@ -62,8 +62,8 @@ class SSLTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` whose batches become SSL views on the device.
 
     Args:
-        views: the :class:`custom.ssl.SSLViews` that makes the inputs and targets.
-        loss_function: a :class:`custom.ssl.SSLLoss` (its ``terms`` are logged).
+        views: the :class:`custom.networks.ssl.SSLViews` that makes the inputs and targets.
+        loss_function: a :class:`custom.networks.ssl.SSLLoss` (its ``terms`` are logged).
         kwargs: everything else as for ``SupervisedTrainer`` (``decollate`` is off: the outputs are
             dicts of whole-batch tensors, not per-sample items).
     """
@@ -86,7 +86,7 @@ class SSLEvaluator(SupervisedEvaluator):
     so the validation metric (reconstruction L1 on held-out crops) compares like with like.
 
     Args:
-        views: an :class:`custom.ssl.SSLViews` with a ``seed``.
+        views: an :class:`custom.networks.ssl.SSLViews` with a ``seed``.
         kwargs: everything else as for ``SupervisedEvaluator``.
 
     Raises:

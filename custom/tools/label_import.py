@@ -1,6 +1,6 @@
 """Import a label map from another labelling scheme into a bundle's classes.
 
-    python -m custom.label_import --src seg.nii.gz --dst label0001.nii.gz --mapping totalsegmentator_v2_to_btcv
+    python -m custom.tools.label_import --src seg.nii.gz --dst label0001.nii.gz --mapping totalsegmentator_v2_to_btcv
 
 ``--mapping`` is a built-in name (:data:`MAPPINGS`) or a JSON file ``{"source index": target index}``.
 Every source value not in the map becomes background (0). The output keeps the input's grid (affine
@@ -109,7 +109,7 @@ def import_labels(src: str, dst: str, mapping: str | Mapping, overwrite: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m custom.label_import", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m custom.tools.label_import", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="source label map (NIfTI)")
     parser.add_argument("--dst", required=True, help="output label map (NIfTI)")
     parser.add_argument("--mapping", required=True, help=f"built-in ({', '.join(MAPPINGS)}) or JSON file")

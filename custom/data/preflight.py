@@ -6,7 +6,7 @@ volume otherwise surfaces as a crash inside a DataLoader worker hours into train
 Used by the bundles' ``check_data`` run id and, unless ``--preflight False``, at the start of
 training and inference. Reads each image and label in every format the bundles' ``LoadImaged`` reads:
 NIfTI with nibabel, ``.mha``/``.mhd``/``.nrrd`` and DICOM series folders with MONAI's ``ITKReader``
-(a DICOM folder is first checked for one evenly spaced series, :func:`custom.data.dicom_series_problem`).
+(a DICOM folder is first checked for one evenly spaced series, :func:`custom.data.inputs.dicom_series_problem`).
 Checks shapes, 2-D images, label values and NaN/Inf in the voxels: for BTCV-sized data a few seconds
 per case.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.cases import SKIPPED
-from custom.data import dicom_series_problem
+from custom.data.cases import SKIPPED
+from custom.data.inputs import dicom_series_problem
 from custom.utils import one_line_reason
 
 __all__ = ["DataCheckError", "DataCheck"]

@@ -1,6 +1,6 @@
 """Arrange the BTCV "Abdomen" Synapse download into the layout and ``dataset_0.json`` the bundle reads.
 
-    python -m custom.prepare_btcv --raw_dir /data/Abdomen/RawData --out_dir /data/BTCV
+    python -m custom.tools.prepare_btcv --raw_dir /data/Abdomen/RawData --out_dir /data/BTCV
 
 ``--raw_dir`` is the unpacked ``RawData`` folder of the Synapse "Multi-Atlas Labeling Beyond the
 Cranial Vault" challenge (``Training/img/img0001.nii.gz``, ``Training/label/label0001.nii.gz``,
@@ -83,7 +83,7 @@ def prepare_btcv(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m custom.prepare_btcv", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m custom.tools.prepare_btcv", description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw_dir", required=True, help="the Synapse RawData folder")
     parser.add_argument("--out_dir", required=True, help="the bundle's dataset_dir to create")
     parser.add_argument("--validation", nargs="*", default=list(DEFAULT_VALIDATION), help="validation case ids")

@@ -18,9 +18,9 @@ Released layout (``{"state_dict": {...}}``), 126 encoder tensors for depths (2, 
 MONAI names the MLP layers ``linear1``/``linear2`` and keeps the encoder under ``swinViT.``.
 
 The merging order travels with the weights. MONAI 1.5 changed the order in which the patch-merging
-layers concatenate their eight sub-samples (``custom.networks``); weights work only in the order they
+layers concatenate their eight sub-samples (``custom.networks.options``); weights work only in the order they
 were trained with, and nothing in the tensors tells the two apart ("matched 126 of 126" either way).
-Files this collection writes record it (``{"recipe": {"legacy_merging": ...}}``, ``custom.recipe``); a
+Files this collection writes record it (``{"recipe": {"legacy_merging": ...}}``, ``custom.networks.recipe``); a
 file in the released layout without that record is the paper's release, trained with the old order.
 :func:`resolve_legacy_merging` picks the order from the file before the network is built (the bundles'
 ``legacy_merging: null``) and logs it; an explicit ``legacy_merging`` that contradicts the file is
@@ -197,7 +197,7 @@ def _state_of(checkpoint: object) -> object:
 
 def _record_of(checkpoint: object) -> tuple[bool | None, str]:
     """(legacy_merging the file was trained with, or None when unknown; why) from a loaded weight file."""
-    from .recipe import RECIPE_KEY
+    from custom.networks.recipe import RECIPE_KEY
 
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
     if isinstance(recipe, Mapping) and isinstance(recipe.get("legacy_merging"), bool):
@@ -212,7 +212,7 @@ def merging_record(path: str | os.PathLike) -> tuple[bool | None, str]:
     """The patch-merging order the weight file ``path`` was trained with, without loading its tensors.
 
     Returns:
-        ``(legacy_merging, why)``: True for MONAI < 1.5's order (``custom.networks.LegacyPatchMerging``),
+        ``(legacy_merging, why)``: True for MONAI < 1.5's order (``custom.networks.options.LegacyPatchMerging``),
         False for MONAI's ``"merging"``, None when the file does not say (a bare state_dict in MONAI's
         names without a recipe).
     """
@@ -289,10 +289,10 @@ def downsample_for(
 ) -> str | type[torch.nn.Module]:
     """The ``downsample`` argument of ``SwinUNETR`` in the merging order of ``pretrained_path``.
 
-    :func:`resolve_legacy_merging` then ``custom.networks.downsample_option``; the bundles' train configs
+    :func:`resolve_legacy_merging` then ``custom.networks.options.downsample_option``; the bundles' train configs
     call it from ``network_def`` so that the order is settled before the network is built.
     """
-    from .networks import downsample_option
+    from custom.networks.options import downsample_option
 
     return downsample_option(resolve_legacy_merging(legacy_merging, pretrained_path, accept_mismatch))
 
@@ -319,7 +319,7 @@ def load_swinvit_weights(
             no encoder tensor at all (the message lists what is missing or mis-shaped); or the network's
             merging order is not the file's (the message names ``legacy_merging``).
     """
-    from .recipe import legacy_merging_of
+    from custom.networks.recipe import legacy_merging_of
 
     path = os.fspath(path)
     loaded = torch.load(path, map_location="cpu", weights_only=True)

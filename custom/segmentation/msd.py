@@ -19,12 +19,10 @@ sources of every value are listed in the bundle's ``docs/README.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -422,32 +420,3 @@ def metadata_for_task(meta: dict, recipe: TaskRecipe) -> dict:
     )
     meta["task"] = f"MSD {recipe.name} segmentation"
     return meta
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m custom.msd --dataset_dir /data/Task01_BrainTumour [--write_metadata configs/metadata.json]``.
-
-    Prints the task's recipe as JSON; with ``--write_metadata`` also sets that metadata.json's network
-    input/output channels and class names to the task's (so MONAI Label and the model zoo checks see them).
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m custom.msd", description="show the recipe chosen for an MSD task folder"
-    )
-    parser.add_argument("--dataset_dir", required=True)
-    parser.add_argument("--write_metadata", default=None, help="a bundle metadata.json to update for this task")
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_task(args.dataset_dir)
-    except TaskError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(recipe.as_dict(), indent=4))
-    if args.write_metadata:
-        path = Path(args.write_metadata)
-        path.write_text(json.dumps(metadata_for_task(json.loads(path.read_text()), recipe), indent=4) + "\n")
-        print(f"updated {path} for {recipe.name}: {recipe.in_channels} input, {recipe.out_channels} output channels")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,7 +71,7 @@ def legacy_merging_of(network: torch.nn.Module) -> bool | None:
     """
     from monai.networks.nets.swin_unetr import PatchMerging
 
-    from .networks import LegacyPatchMerging
+    from custom.networks.options import LegacyPatchMerging
 
     kinds = {type(m) for m in network.modules()}
     if LegacyPatchMerging in kinds:
@@ -142,7 +142,7 @@ def read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a legacy (non-zip) file cannot be memory-mapped; a damaged one is named in one line
-        from .handlers import read_weights
+        from custom.engines.checkpoint import read_weights
 
         checkpoint = read_weights(Path(path))
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
@@ -192,7 +192,7 @@ def check_recipe(
         >>> check_recipe({"feature_size": 12}, {"feature_size": 48}, path="model.pt")
         Traceback (most recent call last):
         ...
-        custom.recipe.RecipeMismatchError: model.pt was trained with feature_size=12, the config says feature_size=48...
+        custom.networks.recipe.RecipeMismatchError: model.pt was trained with feature_size=12, the config says feature_size=48...
     """
     if not isinstance(accept_mismatch, bool):
         raise TypeError(
@@ -248,11 +248,11 @@ def loads_recipe_files(network: torch.nn.Module) -> torch.nn.Module:
 def task_from_weights(
     recipe: Mapping[str, Any], dataset_dir: str | os.PathLike | None = None, check_dataset: bool = False
 ) -> Any:
-    """The MSD task recipe (``custom.msd.TaskRecipe``) for inference or evaluation of trained weights.
+    """The MSD task recipe (``custom.segmentation.msd.TaskRecipe``) for inference or evaluation of trained weights.
 
     With a recipe, the task comes from the weights alone: channels, classes, spacing, ROI and intensity
     window, so a trained model deploys without the task folder. Without one (older weights), the task
-    folder's ``dataset.json`` is read as before (``custom.msd.load_task``).
+    folder's ``dataset.json`` is read as before (``custom.segmentation.msd.load_task``).
 
     Args:
         recipe: from :func:`read_recipe`.
@@ -261,12 +261,12 @@ def task_from_weights(
             one the weights were trained on (evaluation scores the weights on that data).
 
     Raises:
-        custom.msd.TaskError: no recipe and no readable task folder.
+        custom.segmentation.msd.TaskError: no recipe and no readable task folder.
         RecipeMismatchError: ``check_dataset`` and the folder holds another task.
     """
     from dataclasses import fields
 
-    from .msd import TaskRecipe, load_task
+    from custom.segmentation.msd import TaskRecipe, load_task
 
     saved = recipe.get("task") if recipe else None
     if not isinstance(saved, Mapping):

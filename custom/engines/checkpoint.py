@@ -1,9 +1,8 @@
-"""Ignite handlers for checkpoints and evaluation reports.
+"""Ignite handlers for checkpoints: resumable training state, the best model, weights for inference.
 
 Why not MONAI's own: ``CheckpointSaver`` writes non-atomically (a kill during a save leaves a torn
 file), has no fixed-name "latest" file, and ``CheckpointLoader`` restores neither the AMP scaler nor
 the best-metric state, and silently starts over when the saved run had already finished.
-``MetricsSaver`` writes CSV without class names; the bundles promise ``metrics.json`` by organ name.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import copy
 import filecmp
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -23,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from monai.utils import string_list_all_gather
 
-from .utils import atomic_torch_save, atomic_write, is_main_process, remove_stale_temporaries
+from custom.utils import atomic_torch_save, atomic_write, is_main_process, remove_stale_temporaries
+
+from .monitoring import NonFiniteLossError
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -38,9 +37,6 @@ __all__ = [
     "ModelLoader",
     "read_weights",
     "BestModelSaver",
-    "EvaluationReport",
-    "NonFiniteLossError",
-    "StopOnNonFiniteLoss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -211,7 +207,7 @@ class TrainingCheckpoint:
         save_interval: epochs between saves.
         validator: the evaluator whose ``best_metric``/``best_metric_epoch`` are kept.
         protect: files in ``save_dir`` set aside on a fresh start.
-        recipe: saved as ``"recipe"`` in the file (``custom.recipe``: what produced these weights) and
+        recipe: saved as ``"recipe"`` in the file (``custom.networks.recipe``: what produced these weights) and
             compared on resume.
         checkpoint_interval: also save every this many iterations; None: at epoch ends only.
         accept_mismatch: resume although the recipe differs (``--accept_recipe_mismatch True``).
@@ -464,7 +460,7 @@ class TrainingCheckpoint:
         """Refuse a network or data value that differs from the checkpoint's recipe, naming both values."""
         if not isinstance(saved, Mapping) or not self.recipe:
             return
-        from .recipe import _same
+        from custom.networks.recipe import _same
 
         diffs = [
             (k, saved[k], v)
@@ -502,7 +498,7 @@ class TrainingCheckpoint:
 
     def _apply_config_values(self, fresh: Mapping[str, Any], source: Path, saved_max: Any, max_epochs: int) -> None:
         """Put this run's learning rate, hyperparameters and schedule length back where the checkpoint differs."""
-        from .recipe import _same
+        from custom.networks.recipe import _same
 
         optimizer, scheduler = self.save_dict.get("optimizer"), self.save_dict.get("lr_scheduler")
         changes: list[str] = []
@@ -651,7 +647,7 @@ class BestModelSaver:
         filename: ``model.pt`` for the fine-tuning bundles.
         state_transform: maps the plain state_dict to what is saved (the SSL bundle writes the
             released ``model_swinvit.pt`` layout); None saves the state_dict itself.
-        recipe: saved with the weights (``custom.recipe.with_recipe``): ``{"model": state_dict, "recipe": ...}``.
+        recipe: saved with the weights (``custom.networks.recipe.with_recipe``): ``{"model": state_dict, "recipe": ...}``.
     """
 
     def __init__(
@@ -674,7 +670,7 @@ class BestModelSaver:
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch == engine.state.epoch and is_main_process():
-            from .recipe import with_recipe
+            from custom.networks.recipe import with_recipe
 
             state = _module(self.network).state_dict()
             payload = state if self.state_transform is None else self.state_transform(state)
@@ -683,174 +679,3 @@ class BestModelSaver:
                 f"saved {self.path}: best {engine.state.key_metric_name} {engine.state.best_metric:.4f} "
                 f"at epoch {engine.state.epoch}"
             )
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-class StopOnNonFiniteLoss:
-    """Stop training with a clear error the first time the loss is NaN or infinite.
-
-    ignite's ``TerminateOnNan`` ends the run quietly (a warning, exit status 0); a multi-day run then
-    looks finished. This raises instead, so the command exits non-zero; the last checkpoint (of the last
-    completed epoch, or of the last ``checkpoint_interval`` save) is left as it was, and resuming from
-    it with a lower ``learning_rate`` is the usual fix: :class:`TrainingCheckpoint` applies a changed
-    learning rate on resume. Attach it before the checkpoint handler, so that an iteration with a
-    non-finite loss is never saved.
-
-    Args:
-        ckpt_dir: named in the message (where the last good checkpoint is).
-        loss_key: key of the loss in the iteration output.
-    """
-
-    def __init__(self, ckpt_dir: str = "", loss_key: str = "loss") -> None:
-        self.ckpt_dir = ckpt_dir
-        self.loss_key = loss_key
-
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        output = engine.state.output
-        items = output if isinstance(output, list) else [output]
-        for item in items:
-            loss = item.get(self.loss_key) if isinstance(item, Mapping) else None
-            if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
-                raise NonFiniteLossError(
-                    f"training loss is {float(torch.as_tensor(loss).float().mean())} at epoch {engine.state.epoch}, "
-                    f"iteration {engine.state.iteration}: stopped. The last checkpoint in {self.ckpt_dir or 'ckpt_dir'} "
-                    "(of the last completed epoch, or of the last checkpoint_interval save) is kept; resume from it "
-                    "with the same command and a lower --learning_rate (a resume applies it), or check the data "
-                    "with the check_data command."
-                )
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if math.isnan(x) else round(float(x), 6)
-
-
-#: the scoring rule, written into every ``metrics.json``
-NOTE = (
-    "Dice = 2|P&L|/(|P|+|L|) per case and class; a class absent from the label but predicted scores 0 "
-    "(false positive); null = absent from both label and prediction of that case, left out of the means; "
-    "mean_dice = mean over classes of each class's mean over cases"
-)
-
-
-def _ras(x: Any) -> Any:
-    """``x`` reoriented to RAS when it carries an affine (the picture's orientation), else unchanged."""
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation
-
-    return Orientation("RAS")(x) if isinstance(x, MetaTensor) else x
-
-
-class EvaluationReport:
-    """Write ``metrics.json`` (Dice per class by name, mean, per case) and a PNG per case.
-
-    Reads the per-case, per-class scores the metric handler keeps (``save_details=True``) in
-    ``engine.state.metric_details[metric_name]``, shape ``(cases, classes)``, already gathered across
-    DDP ranks by MONAI; case names are gathered here in the same order. The bundles' ``evaluate.json``
-    feeds it :class:`custom.evaluation.LabelDiceMetric` on the original label grid: a class the label
-    lacks but the prediction holds scores 0 (false positive); a class absent from both label and
-    prediction of a case scores NaN, written as ``null`` and left out of that class's mean (and a class
-    never scored is left out of ``mean_dice``). MONAI's ``MeanDice`` would hand it NaN for every class
-    the label lacks (``ignore_empty``), false positives included, so it is not used here.
-
-    Args:
-        output_dir: where ``metrics.json`` and the ``<case>.png`` pictures go.
-        class_names: names by channel index, background first (from metadata.json).
-        metric_name: the evaluator's metric to report, e.g. ``val_mean_dice``.
-        include_background: whether the metric's first column is the background.
-        save_png: draw image | label | prediction for each case (by the rank that evaluated it).
-    """
-
-    def __init__(
-        self,
-        output_dir: str,
-        class_names: Sequence[str],
-        metric_name: str = "val_mean_dice",
-        include_background: bool = False,
-        save_png: bool = True,
-        image_key: str = "image",
-        label_key: str = "label",
-        pred_key: str = "pred",
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.class_names = list(class_names)
-        self.metric_name = metric_name
-        self.include_background = include_background
-        self.save_png = save_png
-        self.keys = (image_key, label_key, pred_key)
-        self._cases: list[str] = []
-
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._cases.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-
-    @staticmethod
-    def case_name(item: Mapping[str, Any], key: str) -> str:
-        meta = getattr(item[key], "meta", {})
-        name = Path(str(meta.get("filename_or_obj", f"case{id(item)}"))).name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return name
-
-    def iteration_completed(self, engine: Engine) -> None:
-        from .visualize import save_overlay_png
-
-        image_key, label_key, pred_key = self.keys
-        for item in engine.state.output:
-            case = self.case_name(item, image_key)
-            self._cases.append(case)
-            if self.save_png:
-                save_overlay_png(
-                    self.output_dir / f"{case}.png",
-                    _ras(item[image_key]),
-                    _ras(item[label_key]),
-                    _ras(item[pred_key]),
-                    title=case,
-                    background_channel=not self.include_background,
-                )
-
-    def epoch_completed(self, engine: Engine) -> None:
-        from .evaluation import class_means
-
-        details = engine.state.metric_details.get(self.metric_name)
-        cases = string_list_all_gather(self._cases) if torch.distributed.is_initialized() else list(self._cases)
-        if not is_main_process():
-            return
-        if details is None:
-            raise RuntimeError(f"no per-case details for {self.metric_name}: set save_details True on that metric.")
-        scores = torch.as_tensor(details, dtype=torch.float64).reshape(len(cases), -1)
-        names = self.class_names if self.include_background else self.class_names[1:]
-        if scores.shape[1] != len(names):
-            raise ValueError(
-                f"{self.metric_name} has {scores.shape[1]} classes but metadata names {len(names)}: {names}"
-            )
-        class_mean, mean = class_means(scores)
-        report = {
-            "metric": "dice",
-            "mean_dice": _nan_to_none(mean.item()),
-            "class_dice": {n: _nan_to_none(v) for n, v in zip(names, class_mean.tolist(), strict=True)},
-            "cases": [
-                {
-                    "case": case,
-                    "mean_dice": _nan_to_none(torch.nanmean(row).item()),
-                    "dice": {n: _nan_to_none(v) for n, v in zip(names, row.tolist(), strict=True)},
-                }
-                for case, row in zip(cases, scores, strict=True)
-            ],
-            "grid": "original label grid (the prediction inverted onto each image's own grid, as inference writes it)",
-            "note": NOTE,
-        }
-        path = self.output_dir / "metrics.json"
-        atomic_write(path, lambda f: f.write(json.dumps(report, indent=4)), mode="w")
-        logger.info(f"wrote {path}: mean Dice {report['mean_dice']} over {len(cases)} cases")

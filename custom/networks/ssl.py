@@ -37,7 +37,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
-from .weights import ENCODER_PREFIX, monai_to_released_key, released_to_monai_key
+from custom.networks.weights import ENCODER_PREFIX, monai_to_released_key, released_to_monai_key
 
 __all__ = [
     "SSLHead",
@@ -76,7 +76,7 @@ class SSLHead(nn.Module):
         in_channels: image channels (1 for CT).
         feature_size: encoder width; the last stage has ``16 * feature_size`` channels (768 at 48).
         use_checkpoint: gradient checkpointing in the encoder (less memory, slower steps).
-        downsample: ``"merging"`` (MONAI >= 1.5) or a patch-merging class (see ``custom.networks``).
+        downsample: ``"merging"`` (MONAI >= 1.5) or a patch-merging class (see ``custom.networks.options``).
         rotation_classes: 4 (0, 90, 180, 270 degrees).
         contrastive_dim: 512 in the paper.
 
@@ -518,7 +518,7 @@ def ssl_state_to_released(
     heads follow under ``module.`` (ignored there, and read back by :func:`released_to_ssl_state`).
 
     The file also records the patch-merging order the encoder was trained with, ``{"recipe":
-    {"legacy_merging": ...}}`` beside ``"state_dict"`` (``custom.recipe``): without it a file in this
+    {"legacy_merging": ...}}`` beside ``"state_dict"`` (``custom.networks.recipe``): without it a file in this
     layout is taken for the paper's release, whose order is MONAI < 1.5's. ``SwinUNETR.load_from`` and
     ``torch.load(weights_only=True)`` read the file as before.
 
@@ -526,7 +526,7 @@ def ssl_state_to_released(
         state: the :class:`SSLHead` state_dict.
         legacy_merging: the order the encoder merged patches in (False: MONAI's ``"merging"``, the
             SSL bundle's); overridden by ``recipe["legacy_merging"]`` when ``recipe`` has it.
-        recipe: the bundle's full recipe (``custom.recipe.make_recipe``) to save instead of the order alone.
+        recipe: the bundle's full recipe (``custom.networks.recipe.make_recipe``) to save instead of the order alone.
     """
     out = {}
     for key, value in state.items():

@@ -14,7 +14,7 @@ Two gaps in MONAI 1.6.1 let a training run with an unreadable case look finished
   naming the file, the datalist section and the reason, and logs it where the run's log is read.
 
 Neither skips the case: a training set silently missing a case is what this module prevents. The
-preflight check (``custom.preflight.DataCheck``, on by default) finds most such files before the first
+preflight check (``custom.data.preflight.DataCheck``, on by default) finds most such files before the first
 step; this is the net for what it cannot see, or for ``--preflight False``.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from monai.data import CacheDataset, DataLoader, ThreadBuffer, ThreadDataLoader
 
-from .utils import one_line_reason
+from custom.utils import one_line_reason
 
 __all__ = ["CaseLoadError", "CheckedCacheDataset", "CheckedThreadDataLoader"]
 

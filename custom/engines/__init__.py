@@ -1,0 +1,1 @@
+"""Ignite engines and handlers: resumable checkpoints, the run lock, loss monitoring, SSL engines."""

@@ -1,0 +1,1 @@
+"""Networks and weights: Swin UNETR options, pretrained-encoder loading, the recipe saved with the weights, runtimes."""

@@ -1,0 +1,1 @@
+"""Command-line tools (``python -m custom.tools.<name>``), apart from the components the configs use."""
