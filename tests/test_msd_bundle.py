@@ -17,14 +17,13 @@ from custom.segmentation.msd import (
     BRATS_REGIONS,
     MSD_TRAINING_CASES,
     TASK_RECIPES,
-    Augmentation,
     TaskError,
     default_max_iterations,
     load_task,
     metadata_for_task,
     msd_datalist,
-    task_loss,
 )
+from custom.segmentation.task import Augmentation, task_loss
 
 MSD = REPO / "swin_unetr_msd"
 #: channels and classes (without background) of the ten tasks, from the issue's table
@@ -267,8 +266,10 @@ def test_braintumour_augments_as_the_research_brats21_code(tmp_path):
     assert brats.get_parsed_content("num_samples") == 1
 
     spleen = parse_train(tmp_path / "spleen", make_task(tmp_path, "Task09_Spleen", cases=2, tests=0))
-    crop, *flips, rot90, scale, shift = spleen.get_parsed_content("train#random_transforms")
-    assert type(crop).__name__ == "RandCropByPosNegLabeld"
+    crop, drop, *flips, rot90, scale, shift = spleen.get_parsed_content("train#random_transforms")
+    # the labelled-voxel crop draws from the indices the cache holds (as BTCV), then drops them
+    assert type(crop).__name__ == "RandCropByPosNegLabeld" and crop.fg_indices_key == "label_fg_indices"
+    assert type(drop).__name__ == "DeleteItemsd" and sorted(drop.keys) == ["label_bg_indices", "label_fg_indices"]
     assert [f.prob for f in flips] == [0.2] * 3 and rot90.prob == 0.2 and scale.prob == shift.prob == 0.1
 
 

@@ -266,7 +266,8 @@ def task_from_weights(
     """
     from dataclasses import fields
 
-    from custom.segmentation.msd import TaskRecipe, load_task
+    from custom.segmentation.msd import load_task
+    from custom.segmentation.task import TaskRecipe
 
     saved = recipe.get("task") if recipe else None
     if not isinstance(saved, Mapping):

@@ -24,20 +24,17 @@ import math
 import os
 import re
 from collections.abc import Hashable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from custom.segmentation.task import BRATS21_AUGMENTATION, MIN_ITERATIONS, TaskRecipe
+
 __all__ = [
-    "Augmentation",
-    "BTCV_AUGMENTATION",
-    "BRATS21_AUGMENTATION",
-    "TaskRecipe",
     "TASK_RECIPES",
     "BRATS_REGIONS",
     "TaskError",
@@ -47,9 +44,6 @@ __all__ = [
     "RegionsToLabelsd",
     "MSD_TRAINING_CASES",
     "default_max_iterations",
-    "intensity_transform",
-    "training_crop",
-    "task_loss",
     "metadata_for_task",
 ]
 
@@ -77,9 +71,6 @@ MSD_TRAINING_CASES: dict[str, int] = {
 #: passes over the training cases: the research BRATS21 recipe's 300 epochs
 #: (Project-MONAI/research-contributions ``SwinUNETR/BRATS21/main.py``, ``--max_epochs`` default)
 TRAINING_PASSES = 300
-#: the fewest iterations a task trains (our choice: a quarter of the research BTCV recipe's 5000 epochs x 24
-#: cases = 120,000 steps, so that the tasks with 16-50 training cases still get a long cosine schedule)
-MIN_ITERATIONS = 30_000
 
 
 def default_max_iterations(num_cases: int, num_folds: int = 5) -> int:
@@ -97,68 +88,6 @@ def default_max_iterations(num_cases: int, num_folds: int = 5) -> int:
 
 class TaskError(ValueError):
     """The task folder or its dataset.json cannot be used; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """The random part of a task's training transforms (read by ``configs/train.json``).
-
-    ``crop`` is ``"pos_neg"`` (``RandCropByPosNegLabeld``, pos 1 neg 1: half the crops centred on a
-    labelled voxel) or ``"random"`` (``RandSpatialCropSamplesd``: uniform position). Flips are per axis,
-    each with ``flip_prob``; ``rotate90_prob`` 0 leaves out the 90-degree rotation; intensity scale and
-    shift (factor and offset 0.1) each with ``intensity_prob``.
-    """
-
-    crop: str = "pos_neg"
-    flip_prob: float = 0.2
-    rotate90_prob: float = 0.2
-    intensity_prob: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.crop not in ("pos_neg", "random"):
-            raise ValueError(f"Augmentation.crop must be 'pos_neg' or 'random', got {self.crop!r}")
-
-
-#: research BTCV (``SwinUNETR/BTCV/main.py`` defaults: RandFlipd_prob 0.2, RandRotate90d_prob 0.2,
-#: RandScale/ShiftIntensityd_prob 0.1; ``utils/data_utils.py``: RandCropByPosNegLabeld pos 1 neg 1)
-BTCV_AUGMENTATION = Augmentation()
-#: research BRATS21 (``SwinUNETR/BRATS21/utils/data_utils.py``): RandSpatialCropd, flips p 0.5 per axis,
-#: intensity scale/shift p 1.0, no rotation
-BRATS21_AUGMENTATION = Augmentation("random", flip_prob=0.5, rotate90_prob=0.0, intensity_prob=1.0)
-
-
-@dataclass(frozen=True)
-class TaskRecipe:
-    """How one MSD task is trained. ``window`` is set for CT (HU range to 0..1), None for z-score (MRI).
-
-    ``roi_size`` entries are multiples of 32 (Swin UNETR needs it); volumes smaller than the ROI are
-    zero-padded before cropping. ``max_iterations`` is the training length in optimizer steps (the
-    bundle derives ``max_epochs`` from it); the learning rate warms up over ``warmup_fraction`` of it,
-    then follows a cosine to 0 at its end.
-    """
-
-    name: str
-    modality: str  # "CT" or "MRI"
-    pixdim: tuple[float, float, float]
-    roi_size: tuple[int, int, int]
-    window: tuple[float, float] | None = None
-    num_samples: int = 2
-    region_based: bool = False
-    ssl_weights_suit: bool = False
-    in_channels: int = 1
-    class_names: tuple[str, ...] = field(default=())
-    num_labels: int = 0  # label values in the files (dataset.json "labels"), background included
-    max_iterations: int = MIN_ITERATIONS
-    warmup_fraction: float = 0.01  # research BTCV: 50 warm-up epochs of 5000
-    augmentation: Augmentation = BTCV_AUGMENTATION
-
-    @property
-    def out_channels(self) -> int:
-        """Network outputs: one per region (sigmoid), or one per class, background first (softmax)."""
-        return len(self.class_names)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "out_channels": self.out_channels}
 
 
 #: the ten official tasks; class names and channels are filled in from dataset.json by :func:`load_task`.
@@ -292,66 +221,6 @@ def msd_datalist(
     if section not in ("training", "validation"):
         raise ValueError(f"section must be training, validation or test, got {section!r}")
     return [{k: str(folder / str(v).lstrip("./")) for k, v in d.items()} for d in picked]
-
-
-def intensity_transform(recipe: TaskRecipe, keys: KeysCollection = "image") -> MapTransform:
-    """CT: window ``recipe.window`` HU to 0..1, clipped. MRI: z-score over non-zero voxels, per channel."""
-    from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged
-
-    if recipe.window is not None:
-        return ScaleIntensityRanged(
-            keys, a_min=recipe.window[0], a_max=recipe.window[1], b_min=0.0, b_max=1.0, clip=True
-        )
-    return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)
-
-
-def training_crop(
-    recipe: TaskRecipe, keys: KeysCollection, roi_size: list[int], num_samples: int, label_key: str = "label"
-) -> MapTransform:
-    """The random crop of ``recipe.augmentation``: ``num_samples`` crops of ``roi_size`` per volume.
-
-    ``"pos_neg"``: ``RandCropByPosNegLabeld`` (pos 1, neg 1, centres on voxels of the image above 0);
-    ``"random"``: ``RandSpatialCropSamplesd`` at a fixed size (``RandSpatialCropd`` of the research
-    BRATS21 code, as a list of ``num_samples`` crops).
-    """
-    from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropSamplesd
-
-    if recipe.augmentation.crop == "random":
-        return RandSpatialCropSamplesd(keys, roi_size=roi_size, num_samples=num_samples, random_size=False)
-    return RandCropByPosNegLabeld(
-        keys,
-        label_key=label_key,
-        spatial_size=roi_size,
-        pos=1,
-        neg=1,
-        num_samples=num_samples,
-        image_key="image",
-        image_threshold=0,
-    )
-
-
-def task_loss(recipe: TaskRecipe) -> torch.nn.Module:
-    """The training loss for ``recipe``'s outputs (network logits ``(B, C, X, Y, Z)``).
-
-    - Overlapping regions (BrainTumour TC/WT/ET, one sigmoid channel each): ``DiceLoss(sigmoid=True)``,
-      Dice per region, smooth 1e-5 (research BRATS21 ``main.py`` default). Not ``DiceCELoss``: in MONAI
-      1.6 its cross entropy with several channels is softmax over the channels, which does not change when
-      every logit shifts by a constant and is zero on background voxels, so it never penalises a wrong
-      sigmoid probability.
-    - Exclusive classes (all other tasks): ``DiceCELoss(to_onehot_y=True, softmax=True)`` on a label map
-      ``(B, 1, X, Y, Z)``, smooth 1e-5 (research BTCV ``main.py`` default; its README command does not
-      pass ``--squared_dice``).
-
-    >>> import torch
-    >>> recipe = TaskRecipe("BrainTumour", "MRI", (1.0, 1.0, 1.0), (128, 128, 128), region_based=True)
-    >>> type(task_loss(recipe)).__name__
-    'DiceLoss'
-    """
-    from monai.losses import DiceCELoss, DiceLoss
-
-    if recipe.region_based:
-        return DiceLoss(to_onehot_y=False, sigmoid=True)
-    return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
 class MSDBrainTumourRegionsd(MapTransform):
