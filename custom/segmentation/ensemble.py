@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ALL_FLIPS", "tta_flips", "EnsemblePredictor", "load_ensemble"]
+__all__ = ["ALL_FLIPS", "tta_flips", "EnsemblePredictor", "load_ensemble", "ensemble_predictor"]
 
 #: every subset of the three spatial axes, the identity first (8 mirrorings)
 ALL_FLIPS: list[tuple[int, ...]] = [c for r in range(4) for c in itertools.combinations(range(3), r)]
@@ -160,8 +160,11 @@ def load_ensemble(
     """
     from custom.engines.checkpoint import CheckpointError, _state_mismatch, read_weights
 
-    if isinstance(files, (str, os.PathLike)) or not files:
-        raise ValueError(f"ensemble: a list of weight files, got {files!r}")
+    if isinstance(files, (str, bytes, os.PathLike)) or not isinstance(files, Sequence) or not files:
+        raise ValueError(
+            f"ensemble must be a list of weight files, e.g. --ensemble \"['models/fold_0/model.pt', "
+            f"'models/fold_1/model.pt']\", or None (the one model.pt); got {files!r}"
+        )
     networks = []
     for f in files:
         path = Path(f)
@@ -178,3 +181,28 @@ def load_ensemble(
             ) from None
         networks.append(net.to(device) if device is not None else net)
     return EnsemblePredictor(networks, activation, tta_flips(tta)).eval()
+
+
+def ensemble_predictor(
+    network: torch.nn.Module,
+    ensemble: Sequence[str | os.PathLike] | None = None,
+    tta: bool | Sequence[Sequence[int]] | None = False,
+    activation: str = "softmax",
+    device: str | torch.device | None = None,
+) -> torch.nn.Module:
+    """The ``network`` an inference or evaluation config hands its inferer, from its ``ensemble`` and ``tta``.
+
+    - neither set (the default): ``network`` itself, untouched (MONAI Label and every existing command
+      see the plain model, its logits and its ``model.pt`` loading);
+    - ``tta`` only: ``network`` wrapped (the same module, so weights a handler loads into it later at
+      ``Events.STARTED`` are the ones used);
+    - ``ensemble`` set: one copy of ``network`` per file, loaded here (:func:`load_ensemble`); the
+      config's own ``model.pt`` loader must then be disabled.
+
+    Raises:
+        ValueError: see :func:`tta_flips`, :func:`load_ensemble`.
+    """
+    flips = tta_flips(tta)
+    if ensemble is None:
+        return network if flips == [()] else EnsemblePredictor([network], activation, flips).eval()
+    return load_ensemble(network, ensemble, activation, tta, device)

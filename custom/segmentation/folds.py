@@ -50,6 +50,7 @@ __all__ = [
     "fold_datalist",
     "decathlon_fold_datalist",
     "fold_ckpt_dir",
+    "fold_weight_files",
 ]
 
 SPLITS_FORMAT = 1
@@ -299,3 +300,17 @@ def fold_ckpt_dir(ckpt_dir: str | os.PathLike, fold: int | None) -> str:
     if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
         raise SplitsError(f"fold must be None or an integer 0..num_folds-1, got {fold!r} (write --fold None, not null)")
     return str(Path(ckpt_dir) / f"fold_{fold}")
+
+
+def fold_weight_files(ckpt_dir: str | os.PathLike, num_folds: int, name: str = "model.pt") -> list[str]:
+    """``[ckpt_dir/fold_0/model.pt, ..., ckpt_dir/fold_<K-1>/model.pt]``: the ensemble of a trained set of folds.
+
+    >>> fold_weight_files("models", 2)
+    ['models/fold_0/model.pt', 'models/fold_1/model.pt']
+
+    Raises:
+        SplitsError: ``num_folds`` is not an integer of at least 2.
+    """
+    if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
+        raise SplitsError(f"num_folds must be an integer of at least 2, got {num_folds!r}")
+    return [str(Path(fold_ckpt_dir(ckpt_dir, f)) / name) for f in range(num_folds)]

@@ -33,6 +33,7 @@ no BTCV scoring code was found]. The summary says which rule was used.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,8 @@ import torch
 __all__ = [
     "METRICS",
     "class_masks",
+    "bounding_slices",
+    "require",
     "case_metrics",
     "summarize",
     "summary_markdown",
@@ -53,6 +56,27 @@ __all__ = [
 METRICS: dict[str, str] = {"dice": "", "hd95": "mm", "nsd": ""}
 
 
+def require(module: str, package: str, use: str) -> None:
+    """Raise ImportError naming the pip package (pinned in requirements.txt) when ``module`` is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{use} needs {package}, which is not installed: pip install -r requirements.txt")
+
+
+def _label_tensor(label_map: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(label_map) if not isinstance(label_map, torch.Tensor) else label_map)
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3:
+        raise ValueError(f"expected a 3-D label map (X, Y, Z) or (1, X, Y, Z), got shape {tuple(t.shape)}")
+    return t.round().long() if t.is_floating_point() else t.long()
+
+
+def _mask(t: torch.Tensor, c: int | Sequence[int]) -> torch.Tensor:
+    if isinstance(c, (int, np.integer)):
+        return t == int(c)
+    return torch.isin(t, torch.as_tensor([int(v) for v in c], dtype=torch.long))
+
+
 def class_masks(label_map: np.ndarray | torch.Tensor, classes: Sequence[int | Sequence[int]]) -> list[torch.Tensor]:
     """Boolean masks ``(X, Y, Z)`` of each class: ``label == c`` for an int, ``label in values`` for a region.
 
@@ -60,18 +84,28 @@ def class_masks(label_map: np.ndarray | torch.Tensor, classes: Sequence[int | Se
         label_map: class indices ``(X, Y, Z)`` or ``(1, X, Y, Z)``.
         classes: a label value per class (``[1, 2, ...]``), or label values per region (BraTS
             ``[(2, 3), (1, 2, 3), (3,)]``).
+
+    Raises:
+        ValueError: not a 3-D label map.
     """
-    t = torch.as_tensor(np.asarray(label_map) if not isinstance(label_map, torch.Tensor) else label_map)
-    if t.ndim == 4 and t.shape[0] == 1:
-        t = t[0]
-    if t.ndim != 3:
-        raise ValueError(f"expected a 3-D label map (X, Y, Z) or (1, X, Y, Z), got shape {tuple(t.shape)}")
-    t = t.round().long() if t.is_floating_point() else t.long()
-    masks = []
-    for c in classes:
-        values = torch.as_tensor([c] if isinstance(c, (int, np.integer)) else list(c), dtype=torch.long)
-        masks.append(torch.isin(t, values))
-    return masks
+    t = _label_tensor(label_map)
+    return [_mask(t, c) for c in classes]
+
+
+def bounding_slices(mask: torch.Tensor, margin: int = 0) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every ``True`` voxel of a non-empty ``mask``, ``margin`` voxels wider
+    (clipped to the grid): what a per-class computation needs of a 512 x 512 x Z volume.
+
+    >>> m = torch.zeros(5, 5, 5, dtype=torch.bool); m[1, 2, 3] = True
+    >>> bounding_slices(m, 1)
+    (slice(0, 3, None), slice(1, 4, None), slice(2, 5, None))
+    """
+    out = []
+    for axis in range(mask.ndim):
+        other = [a for a in range(mask.ndim) if a != axis]
+        hit = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
+        out.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(out)
 
 
 def _diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -110,10 +144,11 @@ def case_metrics(
     """
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
-    p_masks, l_masks = class_masks(pred, classes), class_masks(label, classes)
-    shape = tuple(l_masks[0].shape) if l_masks else ()
-    if p_masks and tuple(p_masks[0].shape) != shape:
-        raise ValueError(f"prediction grid {tuple(p_masks[0].shape)} differs from the label's {shape}")
+    require("scipy", "scipy", "HD95 and NSD (MONAI's distance transform)")
+    pred_t, label_t = _label_tensor(pred), _label_tensor(label)
+    shape = tuple(label_t.shape)
+    if tuple(pred_t.shape) != shape:
+        raise ValueError(f"prediction grid {tuple(pred_t.shape)} differs from the label's {shape}")
     spacing = [float(s) for s in spacing]
     if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
         raise ValueError(f"spacing must be 3 positive numbers in mm, got {spacing}")
@@ -129,7 +164,8 @@ def case_metrics(
     if hd95_empty not in ("diagonal", None):
         raise ValueError(f"hd95_empty must be 'diagonal' or None, got {hd95_empty!r}")
     out: dict[str, list[float | None]] = {name: [] for name in METRICS}
-    for p, t, tol in zip(p_masks, l_masks, tolerances, strict=True):
+    for c, tol in zip(classes, tolerances, strict=True):
+        p, t = _mask(pred_t, c), _mask(label_t, c)  # one class at a time: 2 masks in memory, not 2 x classes
         n_p, n_t, inter = int(p.sum()), int(t.sum()), int((p & t).sum())
         if n_p == 0 and n_t == 0:
             for name in METRICS:
@@ -140,7 +176,8 @@ def case_metrics(
             out["hd95"].append(_diagonal_mm(shape, spacing) if hd95_empty == "diagonal" else None)
             out["nsd"].append(0.0)
             continue
-        yp, yt = p[None, None].float(), t[None, None].float()
+        box = bounding_slices(p | t, margin=1)  # MONAI crops the same way (margin 1): only the copy is smaller
+        yp, yt = p[box][None, None].float(), t[box][None, None].float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # both masks are non-empty here: MONAI's empty-mask warnings do not apply
             hd = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95, spacing=spacing)
@@ -226,7 +263,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     """``cv_summary.md``: a table per fold and one pooled, mean ± std over cases (``–``: nothing scored)."""
     names = summary["classes"]
     tol = summary["nsd_tolerance_mm"]
-    tol_text = f"{tol:g} mm" if isinstance(tol, float) else ", ".join(f"{n} {t:g} mm" for n, t in zip(names, tol, strict=False))
+    tol_text = (
+        f"{tol:g} mm"
+        if isinstance(tol, float)
+        else ", ".join(f"{n} {t:g} mm" for n, t in zip(names, tol, strict=False))
+    )
     empty = "the grid's diagonal in mm" if summary["hd95_empty"] == "diagonal" else "not scored (left out of the mean)"
     lines = [
         "# Cross-validation summary",

@@ -32,6 +32,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import KeepLargestConnectedComponent, KeepLargestConnectedComponentd, MapTransform
 
+from custom.segmentation.metrics import bounding_slices, require
 from custom.utils import atomic_write
 
 __all__ = [
@@ -75,6 +76,7 @@ class LargestComponentTrial:
     """
 
     def __init__(self, labels: Sequence[int], class_names: Sequence[str] | None = None) -> None:
+        require("skimage", "scikit-image", "keeping the largest connected component (MONAI's)")
         self.labels = [int(c) for c in labels]
         self.names = list(class_names) if class_names is not None else [str(c) for c in self.labels]
         if len(self.names) != len(self.labels):
@@ -101,9 +103,14 @@ class LargestComponentTrial:
             d0 = _dice(pc, tc)
             if d0 is None:
                 continue
-            kept = torch.as_tensor(self._keep[c](p)) == c if bool(pc.any()) else pc
             self.before[c].append(d0)
-            self.after[c].append(_dice(kept, tc))
+            if not bool(pc.any()):
+                self.after[c].append(d0)
+                continue
+            box = (slice(None), *bounding_slices(pc[0]))  # every component of c lies inside c's bounding box
+            kept = torch.as_tensor(self._keep[c](p[box])) == c
+            inter, n_t = int((kept & tc[box]).sum()), int(tc.sum())
+            self.after[c].append(2.0 * inter / (int(kept.sum()) + n_t))
 
     def decision(self) -> dict[str, Any]:
         """The decision (see the module docstring), ready for :func:`write_decision`.
@@ -208,6 +215,8 @@ class KeepLargestComponentsd(MapTransform):
         super().__init__(keys)
         self.decision_file = decision_file
         self.applied_labels = read_decision(decision_file) if decision_file is not None else []
+        if self.applied_labels:
+            require("skimage", "scikit-image", f"the post-processing of {decision_file}")
         self._keep = (
             KeepLargestConnectedComponentd(keys, applied_labels=self.applied_labels, is_onehot=False, independent=True)
             if self.applied_labels
