@@ -461,3 +461,31 @@ def test_the_predictor_of_a_config_is_the_plain_network_by_default(tmp_path):
     assert isinstance(ens, EnsemblePredictor) and len(ens.networks) == 2 and len(ens.flips) == 8
     with pytest.raises(ValueError, match="ensemble must be a list of weight files"):
         ensemble_predictor(net, "null")
+
+
+def test_cv_summary_from_splits_finds_each_folds_predictions_by_case_name(tmp_path):
+    from custom.segmentation.cv_summary import cv_summary_from_splits
+
+    pred, label = _planted()
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    cases = []
+    for i in range(4):
+        image = _write(tmp_path / "imagesTr" / f"img{i:04d}.nii.gz", label)  # the image's content is not read
+        cases.append({"image": image, "label": _write(tmp_path / "labelsTr" / f"label{i:04d}.nii.gz", label)})
+    splits = tmp_path / "models" / "splits_final.json"
+    for fold in range(2):
+        out = tmp_path / "eval" / f"fold_{fold}"
+        out.mkdir(parents=True)
+        for item in fold_datalist(cases, splits, 2, fold, "validation", tmp_path):
+            _write(out / f"{Path(item['image']).name.split('.')[0]}_seg.nii.gz", pred)
+    s = cv_summary_from_splits(
+        cases, splits, 2, str(tmp_path / "eval" / "fold_{fold}"), tmp_path / "eval", ["a", "b", "c"], 2.0, tmp_path
+    )
+    assert s["pooled"]["cases"] == 4 and {c["fold"] for c in s["cases"]} == {0, 1}
+    held_out_0 = {c["case"] for c in s["cases"] if c["fold"] == 0}
+    assert held_out_0 == {cases[0]["label"], cases[2]["label"]}  # round robin: cases 0 and 2 in fold 0
+    assert (tmp_path / "eval" / "postprocessing.json").is_file()
+    (tmp_path / "eval" / "fold_1" / "img0003_seg.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="img0003_seg.nii.gz: the prediction of fold 1.*--fold 1"):
+        cv_summary_from_splits(cases, splits, 2, str(tmp_path / "eval" / "fold_{fold}"), tmp_path, ["a"], 2.0, tmp_path)

@@ -26,7 +26,7 @@ from custom.segmentation.metrics import case_metrics, summarize, summary_markdow
 from custom.segmentation.postprocess import LargestComponentTrial, write_decision
 from custom.utils import atomic_write
 
-__all__ = ["cv_summary", "read_pair"]
+__all__ = ["cv_summary", "cv_summary_from_splits", "fold_prediction_pairs", "read_pair"]
 
 
 def read_pair(label_file: str | os.PathLike, pred_file: str | os.PathLike, atol: float = 1e-3) -> tuple:
@@ -121,3 +121,66 @@ def cv_summary(
     )
     atomic_write(out / "cv_summary.md", lambda f: f.write(summary_markdown(summary) + note), mode="w")
     return summary
+
+
+def fold_prediction_pairs(
+    cases: Sequence[Mapping[str, Any]],
+    splits_file: str | os.PathLike,
+    num_folds: int,
+    prediction_dir: str,
+    dataset_dir: str | os.PathLike | None = None,
+    postfix: str = "seg",
+) -> dict[int, list[tuple[str, str]]]:
+    """fold -> ``[(label_file, prediction_file), ...]`` of its held-out cases, by the splits file.
+
+    Args:
+        cases: every labelled case (``image`` and ``label`` paths), as given to the folds.
+        splits_file: the file the folds were trained with (it must exist: the folds were trained).
+        num_folds: the number of folds.
+        prediction_dir: a folder per fold, ``"{fold}"`` standing for the fold (``@output_dir + '/fold_{fold}'``),
+            holding ``<case>_<postfix>.nii.gz`` as inference and evaluation name them
+            (:func:`custom.data.inputs.case_name` of the image).
+        dataset_dir: as given to the folds (case identifiers are relative to it).
+
+    Raises:
+        FileNotFoundError: no splits file, or a held-out case's prediction is missing (named, with the fix).
+    """
+    from custom.data.inputs import case_name
+    from custom.segmentation.folds import fold_datalist
+
+    if not Path(splits_file).is_file():
+        raise FileNotFoundError(
+            f"{splits_file}: no splits file, so no trained folds to summarize; train the folds first"
+        )
+    pairs: dict[int, list[tuple[str, str]]] = {}
+    for fold in range(num_folds):
+        folder = Path(prediction_dir.format(fold=fold))
+        pairs[fold] = []
+        for item in fold_datalist(cases, splits_file, num_folds, fold, "validation", dataset_dir):
+            pred = folder / f"{case_name(item['image'])}_{postfix}.nii.gz"
+            if not pred.is_file():
+                raise FileNotFoundError(
+                    f"{pred}: the prediction of fold {fold} for its held-out case {item['image']} is missing; "
+                    f"segment fold {fold}'s validation cases first (evaluate with --fold {fold})"
+                )
+            pairs[fold].append((str(item["label"]), str(pred)))
+    return pairs
+
+
+def cv_summary_from_splits(
+    cases: Sequence[Mapping[str, Any]],
+    splits_file: str | os.PathLike,
+    num_folds: int,
+    prediction_dir: str,
+    output_dir: str | os.PathLike,
+    class_names: Sequence[str],
+    nsd_tolerance_mm: float | Sequence[float],
+    dataset_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`cv_summary` of the predictions :func:`fold_prediction_pairs` finds: the ``run cv_summary`` step.
+
+    ``kwargs`` go to :func:`cv_summary` (``classes``, ``decision_file``, ``postprocess_labels``, ``hd95_empty``).
+    """
+    folds = fold_prediction_pairs(cases, splits_file, num_folds, prediction_dir, dataset_dir)
+    return cv_summary(folds, output_dir, class_names, nsd_tolerance_mm, **kwargs)

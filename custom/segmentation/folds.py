@@ -26,7 +26,9 @@ when it lies outside ``dataset_dir`` or no ``dataset_dir`` is given; for a list 
 Rank safety: only the main process (rank 0, :func:`custom.utils.is_main_process` and the ``RANK``
 variable torchrun sets) writes the file, atomically (:func:`custom.utils.atomic_write`). Every other
 rank reads the file when it exists and verifies it like rank 0 does, or, when rank 0 has not written it
-yet, computes the same split itself (the rule is deterministic), so no rank waits on another.
+yet, computes the same split itself (the rule is deterministic), so no rank waits on another. Folds
+trained at the same time by separate jobs (one per GPU, as nnU-Net users do) may both find no file and
+both write it: the content is the same, and the rename is atomic.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ __all__ = [
     "round_robin_splits",
     "load_or_create_splits",
     "fold_datalist",
+    "decathlon_cases",
     "decathlon_fold_datalist",
     "fold_ckpt_dir",
     "fold_weight_files",
@@ -122,8 +126,7 @@ def _check_ids(ids: Sequence[str], num_folds: int) -> None:
         raise SplitsError(f"num_folds must be an integer of at least 2, got {num_folds!r}")
     if not ids:
         raise SplitsError("the datalist has no cases to split into folds")
-    seen: set[str] = set()
-    dupes = sorted({c for c in ids if c in seen or seen.add(c)})
+    dupes = sorted(c for c, n in Counter(ids).items() if n > 1)
     if dupes:
         raise SplitsError(f"the datalist lists {len(dupes)} case(s) twice (first: {dupes[0]}); a case is in one fold")
 
@@ -254,6 +257,29 @@ def fold_datalist(
     return [dict(by_id[c]) for c in splits[fold][_SECTIONS[section]]]
 
 
+def decathlon_cases(
+    datalist: str | os.PathLike, dataset_dir: str | os.PathLike, pool: Sequence[str] = ("training", "validation")
+) -> list[dict]:
+    """Every labelled case of a decathlon-style datalist: the sections of ``pool`` present in it, paths absolute.
+
+    Raises:
+        SplitsError: the datalist cannot be read, or none of ``pool`` is in it.
+    """
+    from monai.data import load_decathlon_datalist
+
+    try:
+        content = json.loads(Path(datalist).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SplitsError(f"{datalist}: cannot be read as a JSON datalist ({e})") from None
+    present = [name for name in pool if name in content]
+    if not present:
+        raise SplitsError(f"{datalist}: none of the sections {list(pool)} to split into folds")
+    cases: list[dict] = []
+    for name in present:
+        cases += load_decathlon_datalist(str(datalist), True, name, base_dir=str(dataset_dir))
+    return cases
+
+
 def decathlon_fold_datalist(
     datalist: str | os.PathLike,
     dataset_dir: str | os.PathLike,
@@ -267,7 +293,8 @@ def decathlon_fold_datalist(
 
     With ``fold=None`` this is ``monai.data.load_decathlon_datalist(datalist, True, section, dataset_dir)``:
     BTCV's published 24/6 split (``dataset_0.json``) stays what it is. With ``fold`` set, the cases of
-    every section in ``pool`` that exists in the file are pooled and split by :func:`fold_datalist`.
+    every section in ``pool`` that exists in the file are pooled (:func:`decathlon_cases`) and split by
+    :func:`fold_datalist`.
 
     Raises:
         SplitsError: ``fold`` set without ``splits_file``; see :func:`fold_datalist`.
@@ -278,12 +305,9 @@ def decathlon_fold_datalist(
         return load_decathlon_datalist(str(datalist), True, section, base_dir=str(dataset_dir))
     if splits_file is None:
         raise SplitsError("fold is set but splits_file is not: the split must be kept in a file (splits_file)")
-    content = json.loads(Path(datalist).read_text())
-    cases: list[dict] = []
-    for name in pool:
-        if name in content:
-            cases += load_decathlon_datalist(str(datalist), True, name, base_dir=str(dataset_dir))
-    return fold_datalist(cases, splits_file, num_folds, fold, section, dataset_dir)
+    return fold_datalist(
+        decathlon_cases(datalist, dataset_dir, pool), splits_file, num_folds, fold, section, dataset_dir
+    )
 
 
 def fold_ckpt_dir(ckpt_dir: str | os.PathLike, fold: int | None) -> str:
