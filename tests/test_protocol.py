@@ -22,6 +22,7 @@ from custom.segmentation.ensemble import ALL_FLIPS, EnsemblePredictor, ensemble_
 from custom.segmentation.folds import (
     SplitsError,
     case_id,
+    decathlon_cases,
     decathlon_fold_datalist,
     fold_ckpt_dir,
     fold_datalist,
@@ -153,6 +154,11 @@ def test_decathlon_fold_datalist_keeps_the_published_split_without_a_fold(tmp_pa
     assert json.loads(splits.read_text())["cases"] == 5
     with pytest.raises(SplitsError, match="splits_file"):
         decathlon_fold_datalist(datalist, tmp_path, "training", 5, 0, None)
+    datalist.write_text(json.dumps({"training": items, "validation": items[:1]}))  # one case in both sections
+    assert len(decathlon_cases(datalist, tmp_path)) == 5
+    datalist.write_text(json.dumps({"training": items, "validation": [{**items[0], "label": "other.nii.gz"}]}))
+    with pytest.raises(SplitsError, match="img0.nii.gz is listed twice with different entries"):
+        decathlon_cases(datalist, tmp_path)
 
 
 def test_msd_datalist_splits_through_the_splits_file_as_before(tmp_path):

@@ -262,8 +262,11 @@ def decathlon_cases(
 ) -> list[dict]:
     """Every labelled case of a decathlon-style datalist: the sections of ``pool`` present in it, paths absolute.
 
+    A case listed in two sections with the same entries counts once.
+
     Raises:
-        SplitsError: the datalist cannot be read, or none of ``pool`` is in it.
+        SplitsError: the datalist cannot be read, none of ``pool`` is in it, or one image is listed twice
+            with different entries.
     """
     from monai.data import load_decathlon_datalist
 
@@ -274,10 +277,14 @@ def decathlon_cases(
     present = [name for name in pool if name in content]
     if not present:
         raise SplitsError(f"{datalist}: none of the sections {list(pool)} to split into folds")
-    cases: list[dict] = []
+    cases: dict[str, dict] = {}
     for name in present:
-        cases += load_decathlon_datalist(str(datalist), True, name, base_dir=str(dataset_dir))
-    return cases
+        for item in load_decathlon_datalist(str(datalist), True, name, base_dir=str(dataset_dir)):
+            key = case_id(item, dataset_dir)
+            if key in cases and cases[key] != item:
+                raise SplitsError(f"{datalist}: {key} is listed twice with different entries ({cases[key]} and {item})")
+            cases[key] = item  # listed in two sections (the sample's training and validation): one case
+    return list(cases.values())
 
 
 def decathlon_fold_datalist(
