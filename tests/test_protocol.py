@@ -172,6 +172,8 @@ def test_msd_datalist_splits_through_the_splits_file_as_before(tmp_path):
         for section in ("training", "validation"):
             assert msd_datalist(task, section, 5, fold, splits) == msd_datalist(task, section, 5, fold)
     assert splits.is_file()
+    with pytest.raises(ValueError, match="fold must be an integer in 0..4"):  # it trained on every case before
+        msd_datalist(task, "training", 5, 7)
 
 
 def test_fold_ckpt_dir_and_bad_folds(tmp_path):
@@ -313,6 +315,12 @@ def test_largest_component_removes_a_planted_island_and_is_skipped_where_it_hurt
     assert (out[20:23, 20:23, 20:23] == 0).all()  # island gone
     assert (out[14:18, 14:18, 15:18] == 2).all() and (out == 3).sum() == (label == 3).sum()  # the rest kept
     assert KeepLargestComponentsd("pred", None)({"pred": pred})["pred"] is pred
+    from monai.data import MetaTensor  # after Invertd: a MetaTensor whose grid SaveImaged writes
+
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0])).double()
+    meta_out = KeepLargestComponentsd("pred", path)({"pred": MetaTensor(torch.as_tensor(pred[None]), affine=affine)})
+    assert isinstance(meta_out["pred"], MetaTensor) and torch.allclose(meta_out["pred"].affine, affine)
+    assert torch.equal(meta_out["pred"][0], torch.as_tensor(out))
     with pytest.raises(PostprocessingError, match="nothere.json.*run cv_summary"):
         KeepLargestComponentsd("pred", tmp_path / "nothere.json")
 
