@@ -174,6 +174,11 @@ def test_msd_datalist_splits_through_the_splits_file_as_before(tmp_path):
     assert splits.is_file()
     with pytest.raises(ValueError, match="fold must be an integer in 0..4"):  # it trained on every case before
         msd_datalist(task, "training", 5, 7)
+    assert msd_datalist(task, "validation", 5, None) == msd_datalist(task, "validation", 5, 0)
+    labelled = msd_datalist(task, "labelled")
+    assert sorted(d["image"] for d in labelled) == sorted(
+        d["image"] for d in msd_datalist(task, "training") + msd_datalist(task, "validation")
+    )
 
 
 def test_fold_ckpt_dir_and_bad_folds(tmp_path):
@@ -475,6 +480,10 @@ def test_the_predictor_of_a_config_is_the_plain_network_by_default(tmp_path):
     assert isinstance(ens, EnsemblePredictor) and len(ens.networks) == 2 and len(ens.flips) == 8
     with pytest.raises(ValueError, match="ensemble must be a list of weight files"):
         ensemble_predictor(net, "null")
+    onnx_like = torch.nn.Identity()  # stands for the ONNX Runtime predictor of @predictor
+    assert ensemble_predictor(net, None, False, predictor=onnx_like) is onnx_like
+    assert ensemble_predictor(net, None, True, predictor=onnx_like).networks[0] is onnx_like
+    assert ensemble_predictor(net, files, False, predictor=onnx_like).networks[0] is not onnx_like
 
 
 def test_cv_summary_from_splits_finds_each_folds_predictions_by_case_name(tmp_path):

@@ -189,20 +189,28 @@ def ensemble_predictor(
     tta: bool | Sequence[Sequence[int]] | None = False,
     activation: str = "softmax",
     device: str | torch.device | None = None,
+    predictor: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """The ``network`` an inference or evaluation config hands its inferer, from its ``ensemble`` and ``tta``.
 
-    - neither set (the default): ``network`` itself, untouched (MONAI Label and every existing command
-      see the plain model, its logits and its ``model.pt`` loading);
-    - ``tta`` only: ``network`` wrapped (the same module, so weights a handler loads into it later at
-      ``Events.STARTED`` are the ones used);
+    - neither set (the default): ``predictor`` (or ``network``) itself, untouched: MONAI Label and every
+      existing command see the plain model, its logits and its ``model.pt`` loading;
+    - ``tta`` only: ``predictor`` (or ``network``) wrapped, the same module, so weights a handler loads
+      into ``network`` later (``Events.STARTED``) are the ones used;
     - ``ensemble`` set: one copy of ``network`` per file, loaded here (:func:`load_ensemble`); the
-      config's own ``model.pt`` loader must then be disabled.
+      config's own ``model.pt`` loader must then be disabled. ``predictor`` is not used.
+
+    Args:
+        network: the PyTorch network (``@network``), copied for an ensemble.
+        ensemble, tta, activation, device: see :func:`load_ensemble` and :func:`tta_flips`.
+        predictor: what runs the one model when there is no ensemble (``@predictor``: the network itself,
+            or its ONNX Runtime wrapper); None: ``network``.
 
     Raises:
         ValueError: see :func:`tta_flips`, :func:`load_ensemble`.
     """
     flips = tta_flips(tta)
     if ensemble is None:
-        return network if flips == [()] else EnsemblePredictor([network], activation, flips).eval()
+        single = predictor if predictor is not None else network
+        return single if flips == [()] else EnsemblePredictor([single], activation, flips).eval()
     return load_ensemble(network, ensemble, activation, tta, device)

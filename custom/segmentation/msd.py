@@ -279,7 +279,7 @@ def msd_datalist(
     dataset_dir: str | os.PathLike,
     section: str = "training",
     num_folds: int = 5,
-    fold: int = 0,
+    fold: int | None = 0,
     splits_file: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Training or validation cases of an MSD task: dataset.json's ``training`` list split by folds.
@@ -287,8 +287,9 @@ def msd_datalist(
     MSD ships no validation list; case i (sorted by image name) is validation when ``i % num_folds ==
     fold`` (:func:`custom.segmentation.folds.round_robin_splits`). With ``splits_file`` the split is
     written there on first use and read back afterwards (:func:`custom.segmentation.folds.fold_datalist`:
-    a changed dataset.json is refused by name). ``section="test"`` gives the unlabelled ``test`` images.
-    Paths become absolute.
+    a changed dataset.json is refused by name). ``fold=None`` is fold 0 (the bundle's default, whose
+    checkpoints stay in ``ckpt_dir``). ``section="labelled"`` gives every case of ``training`` (all folds),
+    ``"test"`` the unlabelled ``test`` images. Paths become absolute.
     """
     from custom.segmentation.folds import case_id, fold_datalist, round_robin_splits
 
@@ -296,9 +297,12 @@ def msd_datalist(
     meta = _read_dataset_json(folder)
     if section == "test":
         return [{"image": str(folder / str(p).lstrip("./"))} for p in meta.get("test", [])]
-    if section not in ("training", "validation"):
-        raise ValueError(f"section must be training, validation or test, got {section!r}")
+    if section not in ("training", "validation", "labelled"):
+        raise ValueError(f"section must be training, validation, labelled or test, got {section!r}")
     items = [{k: str(folder / str(v).lstrip("./")) for k, v in d.items()} for d in meta["training"]]
+    if section == "labelled":
+        return items
+    fold = 0 if fold is None else fold
     if splits_file is not None:
         return fold_datalist(items, splits_file, num_folds, fold, section, folder)
     if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
