@@ -238,7 +238,7 @@ def summarize(
         "metrics": dict(METRICS),
         "nsd_tolerance_mm": tol,
         "hd95_empty": hd95_empty,
-        "std": "population (ddof=0) over cases",
+        "std": "population (ddof=0)",
         "folds": {str(f): _block([c for c in cases if int(c["fold"]) == f], class_names) for f in folds},
         "pooled": _block(cases, class_names),
         "cases": [dict(c) for c in cases],
@@ -272,7 +272,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     lines = [
         "# Cross-validation summary",
         "",
-        f"Mean ± std over cases ({summary['std']}). NSD: surface Dice at {tol_text}. A class absent from both "
+        f"Mean ± std over cases (std: {summary['std']}). NSD: surface Dice at {tol_text}. A class absent from both "
         f"label and prediction is not scored; present in only one: Dice and NSD 0, HD95 {empty}. "
         "The mean row: the mean of the class means ± the std over cases of each case's class mean.",
         "",
