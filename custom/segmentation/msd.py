@@ -205,22 +205,40 @@ def load_task(dataset_dir: str | os.PathLike) -> TaskRecipe:
 
 
 def msd_datalist(
-    dataset_dir: str | os.PathLike, section: str = "training", num_folds: int = 5, fold: int = 0
+    dataset_dir: str | os.PathLike,
+    section: str = "training",
+    num_folds: int = 5,
+    fold: int | None = 0,
+    splits_file: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Training or validation cases of an MSD task: dataset.json's ``training`` list split by folds.
 
     MSD ships no validation list; case i (sorted by image name) is validation when ``i % num_folds ==
-    fold``. ``section="test"`` gives the unlabelled ``test`` images. Paths become absolute.
+    fold`` (:func:`custom.segmentation.folds.round_robin_splits`). With ``splits_file`` the split is
+    written there on first use and read back afterwards (:func:`custom.segmentation.folds.fold_datalist`:
+    a changed dataset.json is refused by name). ``fold=None`` is fold 0 (the bundle's default, whose
+    checkpoints stay in ``ckpt_dir``). ``section="labelled"`` gives every case of ``training`` (all folds),
+    ``"test"`` the unlabelled ``test`` images. Paths become absolute.
     """
+    from custom.segmentation.folds import case_id, fold_datalist, round_robin_splits
+
     folder = Path(dataset_dir)
     meta = _read_dataset_json(folder)
     if section == "test":
         return [{"image": str(folder / str(p).lstrip("./"))} for p in meta.get("test", [])]
-    items = sorted(meta["training"], key=lambda d: str(d["image"]))
-    picked = [d for i, d in enumerate(items) if (i % num_folds == fold) == (section == "validation")]
-    if section not in ("training", "validation"):
-        raise ValueError(f"section must be training, validation or test, got {section!r}")
-    return [{k: str(folder / str(v).lstrip("./")) for k, v in d.items()} for d in picked]
+    if section not in ("training", "validation", "labelled"):
+        raise ValueError(f"section must be training, validation, labelled or test, got {section!r}")
+    items = [{k: str(folder / str(v).lstrip("./")) for k, v in d.items()} for d in meta["training"]]
+    if section == "labelled":
+        return items
+    fold = 0 if fold is None else fold
+    if splits_file is not None:
+        return fold_datalist(items, splits_file, num_folds, fold, section, folder)
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be an integer in 0..{num_folds - 1} (num_folds {num_folds}), got {fold!r}")
+    by_id = {case_id(d, folder): d for d in items}
+    split = round_robin_splits(list(by_id), num_folds)[fold]
+    return [by_id[c] for c in split["val" if section == "validation" else "train"]]
 
 
 class MSDBrainTumourRegionsd(MapTransform):
