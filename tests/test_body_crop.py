@@ -21,6 +21,8 @@ from custom.segmentation.body_crop import (
     count_windows,
     hu_to_window,
     largest_component,
+    roi_box,
+    window_box,
 )
 
 SHAPE = (64, 64, 48)
@@ -44,6 +46,22 @@ class PerVoxel(torch.nn.Module):
         return self.conv(x)
 
 
+class ConvNet(torch.nn.Module):
+    """Two 3x3x3 convolutions: each output voxel sees its neighbours (and the window's zero padding at its faces)."""
+
+    def __init__(self, out_channels: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, out_channels, 3, padding=1)
+        )
+        self.windows = 0
+
+    def forward(self, x):
+        self.windows += x.shape[0]
+        return self.net(x)
+
+
 def ellipsoid(shape=SHAPE, centre=CENTRE, radii=RADII) -> torch.Tensor:
     grid = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) for s in shape), indexing="ij")
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
@@ -60,8 +78,8 @@ def ct_body(speck: bool = True) -> torch.Tensor:
     return image[None, None]
 
 
-def sliding(overlap: float = 0.5) -> SlidingWindowInferer:
-    return SlidingWindowInferer(ROI, sw_batch_size=4, overlap=overlap, mode="gaussian")
+def sliding(overlap: float = 0.5, sw_batch_size: int = 4) -> SlidingWindowInferer:
+    return SlidingWindowInferer(ROI, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
 
 
 def box_of(mask: torch.Tensor) -> tuple[slice, ...]:
@@ -108,31 +126,76 @@ def test_count_windows_matches_monai_slices_at_btcv_size():
     assert count_windows((243, 201, 168), (96, 96, 96), 0.5) == 60
 
 
-def test_windows_skipped_output_identical_inside_background_outside(caplog):
+def monai_windows_meeting(box, overlap=0.5):
+    """MONAI's own windows over the whole image that overlap ``box``."""
+    slices = dense_patch_slices(SHAPE, ROI, [int(r * (1 - overlap)) for r in ROI])
+    return [w for w in slices if all(s.start < b.stop and s.stop > b.start for s, b in zip(w, box, strict=True))]
+
+
+@pytest.mark.parametrize("sw_batch_size", [1, 4])
+def test_windows_skipped_output_identical_inside_background_outside(caplog, sw_batch_size):
+    image = ct_body()
+    net = ConvNet()
+    with torch.no_grad():
+        full = sliding(sw_batch_size=sw_batch_size)(image, net)
+        full_windows, net.windows = net.windows, 0
+        crop = BodyCropInferer(sliding(sw_batch_size=sw_batch_size), margin=3, outside="softmax")
+        with caplog.at_level(logging.INFO, logger="custom.segmentation.body_crop"):
+            out = crop(image, net)
+    # the body box is the ellipsoid's bounding box plus the margin (the speck in the corner is dropped)
+    body = tuple(slice(b.start - 3, b.stop + 3) for b in box_of(ellipsoid()))
+    assert crop.last_body_box == body
+    # the run box is the union of MONAI's windows that meet it, and only those ran
+    meeting = monai_windows_meeting(body)
+    assert crop.last_box == tuple(
+        slice(min(w[d].start for w in meeting), max(w[d].stop for w in meeting)) for d in range(3)
+    )
+    assert net.windows == len(meeting) < full_windows == count_windows(SHAPE, ROI, 0.5)
+    assert crop.last_windows == (net.windows, full_windows)
+    assert f"{net.windows} of {full_windows} windows" in caplog.text
+    # inside the body box: the uncropped output (same windows, weights and order); bit-exact one window at a time
+    keep = inside(body)
+    assert out.shape == full.shape
+    if sw_batch_size == 1:
+        assert torch.equal(out[0][:, keep], full[0][:, keep])
+    torch.testing.assert_close(out[0][:, keep], full[0][:, keep], rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.argmax(1)[0][keep], full.argmax(1)[0][keep])
+    # outside the run box: background, softmax (1, 0, 0) to within float32
+    outside = ~inside(crop.last_box)
+    prob = out.softmax(1)[0][:, outside]
+    assert bool((out.argmax(1)[0][outside] == 0).all())
+    assert bool((prob[0] == 1.0).all()) and float(prob[1:].max()) < 1e-20
+
+
+def test_a_body_that_needs_every_window_runs_the_whole_image():
+    image = torch.full((1, 1, *SHAPE), 0.4)
+    net = ConvNet()
+    with torch.no_grad():
+        full = sliding()(image, net)
+        crop = BodyCropInferer(sliding())
+        out = crop(image, net)
+    total = count_windows(SHAPE, ROI, 0.5)
+    assert crop.last_windows == (total, total) and net.windows == 2 * total
+    assert torch.equal(out, full)
+
+
+def test_box_tiling_runs_fewer_windows_and_keeps_a_per_voxel_output():
     image = ct_body()
     net = PerVoxel()
     with torch.no_grad():
         full = sliding()(image, net)
-        full_windows, net.windows = net.windows, 0
-        crop = BodyCropInferer(sliding(), margin=3, outside="softmax")
-        with caplog.at_level(logging.INFO, logger="custom.segmentation.body_crop"):
-            out = crop(image, net)
-    # the box is the ellipsoid's bounding box plus the margin (the speck in the corner is dropped)
-    expected = tuple(slice(b.start - 3, b.stop + 3) for b in box_of(ellipsoid()))
-    assert crop.last_box == expected
-    size = tuple(s.stop - s.start for s in expected)
-    assert net.windows == count_windows(size, ROI, 0.5) < full_windows == count_windows(SHAPE, ROI, 0.5)
-    assert crop.last_windows == (net.windows, full_windows)
-    assert f"{net.windows} of {full_windows} windows" in caplog.text
-    # inside the box: the uncropped sliding window's output (a per-voxel network: the same values)
-    keep = inside(expected)
-    assert out.shape == full.shape
+        aligned = BodyCropInferer(sliding(), margin=3)
+        aligned(image, net)
+        net.windows = 0
+        crop = BodyCropInferer(sliding(), margin=3, tiling="box")
+        out = crop(image, net)
+    body = crop.last_body_box
+    assert crop.last_box == body  # larger than the ROI already
+    assert net.windows == count_windows([s.stop - s.start for s in body], ROI, 0.5) < aligned.last_windows[0]
+    # windows elsewhere: the same values only for a network that looks at one voxel at a time
+    keep = inside(body)
     torch.testing.assert_close(out[0][:, keep], full[0][:, keep], rtol=1e-5, atol=1e-5)
-    assert torch.equal(out.argmax(1)[0][keep], full.argmax(1)[0][keep])
-    # outside: background, softmax (1, 0, 0) to within float32
-    prob = out.softmax(1)[0][:, ~keep]
     assert bool((out.argmax(1)[0][~keep] == 0).all())
-    assert bool((prob[0] == 1.0).all()) and float(prob[1:].max()) < 1e-20
 
 
 def test_sigmoid_outside_is_below_any_threshold():
@@ -141,6 +204,7 @@ def test_sigmoid_outside_is_below_any_threshold():
         crop = BodyCropInferer(sliding(), outside="sigmoid")
         out = crop(image, PerVoxel(out_channels=3))
     keep = inside(crop.last_box)
+    assert bool((~keep).any())
     assert bool((out[0][:, ~keep] == -BACKGROUND_LOGIT).all())
     assert float(torch.sigmoid(out[0][:, ~keep]).max()) < 1e-20
 
@@ -157,7 +221,7 @@ def test_mri_nonzero_keeps_negative_z_scores_in_the_body():
     with torch.no_grad():
         crop = BodyCropInferer(sliding(), mode="nonzero", margin=0, outside="softmax")
         crop(image, torch.nn.Conv3d(2, 2, 1))
-        assert crop.last_box == box_of(body)
+        assert crop.last_body_box == box_of(body)
         above = BodyCropInferer(sliding(), mode="above", threshold=0.0, margin=0)
         assert above.box(image)[2].start > box_of(body)[2].start  # the "CT" rule would cut the body
 
@@ -186,29 +250,48 @@ def test_batch_of_two_runs_on_the_union_box():
         crop = BodyCropInferer(sliding(), margin=0)
         out = crop(torch.cat([first, second]), net)
     union = box_of(ellipsoid() | ellipsoid(centre=(12, 12, 10), radii=(9, 9, 9)))
-    assert crop.last_box == union
-    size = tuple(s.stop - s.start for s in union)
-    assert net.windows == 2 * count_windows(size, ROI, 0.5)
+    assert crop.last_body_box == union
+    assert crop.last_box == window_box(union, SHAPE, ROI, 0.5)
+    assert net.windows == 2 * len(monai_windows_meeting(union))
     assert out.shape == (2, 3, *SHAPE)
 
 
-def test_small_body_gets_a_box_of_at_least_the_roi_inside_the_image():
+def test_small_body_runs_the_windows_that_cover_it():
     image = torch.zeros(1, 1, *SHAPE)
     image[0, 0, 61:63, 0:2, 20:22] = 0.5  # a few voxels at a corner
     net = PerVoxel()
     with torch.no_grad():
         crop = BodyCropInferer(sliding(), margin=2)
         out = crop(image, net)
-    assert crop.last_box == (slice(48, 64), slice(0, 16), slice(13, 29))
-    assert net.windows == 1 and out.shape == (1, 3, *SHAPE)
+    assert crop.last_body_box == (slice(59, 64), slice(0, 4), slice(18, 24))
+    assert crop.last_box == (slice(48, 64), slice(0, 16), slice(8, 32))
+    assert net.windows == 2 == len(monai_windows_meeting(crop.last_body_box))
+    assert out.shape == (1, 3, *SHAPE)
 
 
 def test_box_rule():
     mask = torch.zeros(40, 30, 8, dtype=torch.bool)
     mask[10:20, 5:6, 2:4] = True
-    # margin, clipped to the image; grown to the ROI around the centre; the image smaller than the ROI: all of it
-    assert body_box(mask, margin=(2, 8, 1), min_size=(4, 4, 16)) == (slice(8, 22), slice(0, 14), slice(0, 8))
+    # the margin, clipped to the image
+    assert body_box(mask, margin=(2, 8, 1)) == (slice(8, 22), slice(0, 14), slice(1, 5))
     assert body_box(torch.zeros(4, 4, 4, dtype=torch.bool)) is None
+    # grown to the ROI around the centre, inside the image; the image smaller than the ROI: all of it
+    assert roi_box((slice(8, 22), slice(0, 14), slice(1, 5)), (40, 30, 8), 16) == (
+        slice(7, 23),
+        slice(0, 16),
+        slice(0, 8),
+    )
+    assert roi_box((slice(36, 40), slice(10, 12), slice(0, 8)), (40, 30, 8), 16) == (
+        slice(24, 40),
+        slice(3, 19),
+        slice(0, 8),
+    )
+    # the windows meeting the box (y: starts 0, 8 and the last one shifted back to 14); z not larger than the ROI: whole
+    assert window_box((slice(8, 22), slice(0, 14), slice(1, 5)), (40, 30, 8), (16, 16, 16), 0.5) == (
+        slice(0, 32),
+        slice(0, 24),
+        slice(0, 8),
+    )
 
 
 def reference_largest(mask: np.ndarray) -> np.ndarray:
@@ -290,6 +373,8 @@ def test_switch_and_bad_arguments():
         BodyCropInferer(inferer, mode="otsu")
     with pytest.raises(ValueError, match="outside 'tanh'"):
         BodyCropInferer(inferer, outside="tanh")
+    with pytest.raises(ValueError, match="tiling 'grid'"):
+        BodyCropInferer(inferer, tiling="grid")
     with pytest.raises(ValueError, match="margin must be >= 0"):
         BodyCropInferer(inferer, margin=-1)
     with pytest.raises(ValueError, match="B, C, X, Y, Z"):

@@ -21,18 +21,22 @@ bundle's ``SlidingWindowInferer`` and does the same on the preprocessed input, o
    ``KeepLargestConnectedComponent``, but both need scikit-image (or cuCIM on a GPU), which this
    project does not install, and move the mask to the host; only the bounding box is needed here,
    and a coarse grid labels in a few milliseconds on any device (:func:`largest_component`).
-3. **Box**: the component's bounding box, ``margin`` voxels wider on each side, clipped to the image,
-   and grown (inside the image) to at least ``roi_size`` in each dimension so that the window fits;
-   where the image itself is smaller than ``roi_size``, the wrapped inferer pads as it always does.
-   For a batch, the union of the cases' boxes.
-4. **Inference** of the wrapped inferer on the box only; outside it, fixed background logits (see
-   ``outside``). No body found (an empty mask): the whole image, logged.
+3. **Body box**: the component's bounding box, ``margin`` voxels wider on each side, clipped to the
+   image; for a batch, the union of the cases' boxes.
+4. **Windows**: of the windows the wrapped inferer would run over the whole image (MONAI's tiling:
+   ``roi_size``, ``overlap``), those that meet the body box; the run box is their union
+   (:func:`window_box`). MONAI's tiling of the run box is exactly that subset, so every voxel of the
+   body box is covered by the same windows, blended with the same weights in the same order, as in
+   the uncropped run: **inside the body box the output is the uncropped output**, for any network
+   (to the last bit where the network gives each window the same numbers whatever its batch
+   neighbours). Between the body box and the run box the blend misses the skipped windows; outside
+   the run box, fixed background logits (see ``outside``). No body found (an empty mask), or no
+   window to skip: the whole image (logged). Only windows wholly in the air are skipped, so the
+   saving needs air wider than a window beside the body; ``tiling="box"`` tiles the body box afresh
+   instead (fewer windows, an output that differs inside, see :class:`BodyCropInferer`).
 
-Each call logs the box and how many windows ran out of how many (:func:`count_windows`, the count
-MONAI's ``sliding_window_inference`` runs). Inside the box the output is the wrapped inferer's on the
-cropped input: a network whose output at a voxel depends on that voxel alone gives exactly the
-uncropped values there; a convolutional network differs only where its windows and their context
-differ (near the box's faces), which ``bench/body_crop_bench.py`` measures as label agreement.
+Each call logs the boxes and how many windows ran out of how many (:func:`count_windows`, the count
+MONAI's ``sliding_window_inference`` runs).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ __all__ = [
     "count_windows",
     "hu_to_window",
     "largest_component",
+    "roi_box",
+    "window_box",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,6 +74,7 @@ BACKGROUND_LOGIT = 50.0
 
 MODES = ("above", "nonzero")
 OUTSIDE = ("softmax", "sigmoid")
+TILINGS = ("aligned", "box")
 
 
 def hu_to_window(hu: float, intensity_range: Sequence[float], out_range: Sequence[float] = (0.0, 1.0)) -> float:
@@ -216,47 +223,97 @@ def largest_component(mask: torch.Tensor, block: int = 4) -> torch.Tensor:
     return keep[: mask.shape[0], : mask.shape[1], : mask.shape[2]] & mask
 
 
-def body_box(
-    mask: torch.Tensor, margin: int | Sequence[int] = 4, min_size: Sequence[int] | None = None
-) -> tuple[slice, ...] | None:
-    """The bounding box of a spatial bool ``mask``, ``margin`` wider, clipped, grown to ``min_size``.
+def body_box(mask: torch.Tensor, margin: int | Sequence[int] = 4) -> tuple[slice, ...] | None:
+    """The bounding box of a spatial bool ``mask``, ``margin`` voxels wider on each side, clipped to the image.
 
     Args:
         mask: bool, spatial dimensions only.
         margin: voxels added on each side, per dimension or one for all.
-        min_size: the smallest box per dimension (the ROI); the box grows around its centre, shifted
-            to stay inside the image; where the image is smaller, the whole dimension.
 
     Returns:
         one slice per spatial dimension, or None for an empty mask.
 
     Example:
         >>> m = torch.zeros(40, 40, 40, dtype=torch.bool); m[10:20, 5:6, 30:40] = True
-        >>> body_box(m, margin=2, min_size=(16, 16, 16))
-        (slice(7, 23, None), slice(0, 16, None), slice(24, 40, None))
+        >>> body_box(m, margin=2)
+        (slice(8, 22, None), slice(3, 8, None), slice(28, 40, None))
     """
     if not bool(mask.any()):
         return None
     dims = mask.ndim
     margins = ensure_tuple_rep(margin, dims)
-    sizes = min_size if min_size is not None else (0,) * dims
     box = []
     for d in range(dims):
         other = tuple(i for i in range(dims) if i != d)
         hits = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
-        size = mask.shape[d]
         lo = max(int(hits[0]) - int(margins[d]), 0)
-        hi = min(int(hits[-1]) + 1 + int(margins[d]), size)
-        need = min(int(sizes[d]), size)
-        if hi - lo < need:
-            lo = max(min((lo + hi - need) // 2, size - need), 0)
-            hi = lo + need
+        hi = min(int(hits[-1]) + 1 + int(margins[d]), mask.shape[d])
         box.append(slice(lo, hi))
     return tuple(box)
 
 
+def window_box(
+    box: Sequence[slice],
+    image_size: Sequence[int],
+    roi_size: Sequence[int] | int,
+    overlap: Sequence[float] | float = 0.25,
+) -> tuple[slice, ...]:
+    """The union of the sliding windows over ``image_size`` that meet ``box``.
+
+    The windows are those MONAI's ``sliding_window_inference`` places over the whole image (starts
+    ``k * interval``, the last one shifted back inside, see :func:`count_windows`); in each dimension
+    the ones that overlap ``box`` are kept. MONAI's tiling of the returned box is exactly those
+    windows. A dimension where the image is not larger than the ROI is kept whole.
+
+    Args:
+        box: one slice per spatial dimension (the body box).
+        image_size: spatial size of the whole image.
+        roi_size: window size (an int for all dimensions; non-positive entries take the image's size).
+        overlap: overlap per dimension (or one for all), in [0, 1).
+
+    Example:
+        >>> window_box((slice(59, 64), slice(0, 4), slice(18, 24)), (64, 64, 48), 16, 0.5)
+        (slice(48, 64, None), slice(0, 16, None), slice(8, 32, None))
+    """
+    image_size = tuple(int(s) for s in image_size)
+    roi = fall_back_tuple(roi_size, image_size)
+    overlaps = ensure_tuple_rep(overlap, len(image_size))
+    out = []
+    for b, size, r, o in zip(box, image_size, roi, overlaps, strict=True):
+        if size <= r:
+            out.append(slice(0, size))
+            continue
+        interval = max(int(r * (1 - o)), 1)
+        starts = [min(k * interval, size - r) for k in range(math.ceil((size - r) / interval) + 1)]
+        kept = [s for s in starts if s < b.stop and s + r > b.start]
+        out.append(slice(min(kept), max(kept) + r))
+    return tuple(out)
+
+
+def roi_box(box: Sequence[slice], image_size: Sequence[int], roi_size: Sequence[int] | int) -> tuple[slice, ...]:
+    """``box`` grown to at least ``roi_size`` per dimension, around its centre, shifted to stay inside the image.
+
+    Where the image is smaller than the ROI, the whole dimension (the inferer pads it as always).
+
+    Example:
+        >>> roi_box((slice(10, 20), slice(0, 4), slice(2, 6)), (40, 40, 8), 16)
+        (slice(7, 23, None), slice(0, 16, None), slice(0, 8, None))
+    """
+    image_size = tuple(int(s) for s in image_size)
+    roi = fall_back_tuple(roi_size, image_size)
+    out = []
+    for b, size, r in zip(box, image_size, roi, strict=True):
+        need = min(r, size)
+        lo, hi = b.start, b.stop
+        if hi - lo < need:
+            lo = max(min((lo + hi - need) // 2, size - need), 0)
+            hi = lo + need
+        out.append(slice(lo, hi))
+    return tuple(out)
+
+
 class BodyCropInferer(Inferer):
-    """``inferer`` (a ``SlidingWindowInferer``) over the body's bounding box only, background outside.
+    """``inferer`` (a ``SlidingWindowInferer``) over the windows that meet the body's box, background outside.
 
     Used in place of the bundle's ``inferer`` by ``SupervisedEvaluator``: same call,
     ``(inputs, network, *args, **kwargs)``, inputs ``B, C`` + 3 spatial dimensions, and the output of
@@ -274,6 +331,12 @@ class BodyCropInferer(Inferer):
             ``"sigmoid"`` (one channel per region: ``-L`` everywhere outside), L =
             :data:`BACKGROUND_LOGIT`.
         block: cube edge for the connected components (:func:`largest_component`).
+        tiling: ``"aligned"`` (default): the windows of the whole image's tiling that meet the body
+            box (:func:`window_box`): inside the body box the output is the uncropped output, and
+            only windows wholly in air are skipped. ``"box"``: a fresh tiling of the body box (grown
+            to the ROI, :func:`roi_box`): fewer windows where the air is narrower than a window, but
+            the windows sit elsewhere, so the output inside differs from the uncropped one (by how
+            much for trained weights: ``bench/body_crop_bench.py --weights``).
 
     Raises:
         TypeError: ``inferer`` has no ``roi_size``/``overlap``; the network's output is not a tensor.
@@ -286,7 +349,7 @@ class BodyCropInferer(Inferer):
         >>> net = torch.nn.Conv3d(1, 3, 1)
         >>> out = inferer(image, net)
         >>> tuple(out.shape), int(out[0, :, 0, 0, 0].argmax()), inferer.last_windows
-        ((1, 3, 64, 64, 64), 0, (8, 343))
+        ((1, 3, 64, 64, 64), 0, (64, 343))
     """
 
     def __init__(
@@ -297,6 +360,7 @@ class BodyCropInferer(Inferer):
         margin: int | Sequence[int] = 4,
         outside: str = "softmax",
         block: int = 4,
+        tiling: str = "aligned",
     ) -> None:
         super().__init__()
         if not (hasattr(inferer, "roi_size") and hasattr(inferer, "overlap")):
@@ -305,6 +369,8 @@ class BodyCropInferer(Inferer):
             )
         if mode not in MODES:
             raise ValueError(f"body crop mode {mode!r}: expected one of {MODES}")
+        if tiling not in TILINGS:
+            raise ValueError(f"body crop tiling {tiling!r}: expected one of {TILINGS}")
         if outside not in OUTSIDE:
             raise ValueError(f"body crop outside {outside!r}: expected one of {OUTSIDE}")
         if any(int(m) < 0 for m in ensure_tuple_rep(margin, 3)):
@@ -315,27 +381,28 @@ class BodyCropInferer(Inferer):
         self.margin = margin
         self.outside = outside
         self.block = int(block)
+        self.tiling = tiling
         #: (windows run, windows of the whole image) of the last call, for the batch
         self.last_windows: tuple[int, int] | None = None
-        #: the box of the last call (None: the whole image)
+        #: the body box of the last call (None: no body found, the whole image ran)
+        self.last_body_box: tuple[slice, ...] | None = None
+        #: the box the wrapped inferer ran on in the last call (:func:`window_box` of the body box)
         self.last_box: tuple[slice, ...] | None = None
 
     def box(self, inputs: torch.Tensor) -> tuple[slice, ...] | None:
-        """The box to run on for a batch ``inputs`` (union of the cases' boxes), or None: no body found."""
-        spatial = tuple(inputs.shape[2:])
-        roi = fall_back_tuple(self.inferer.roi_size, spatial)
+        """The body box of a batch ``inputs`` (``B, C`` + spatial; the union of the cases' boxes), or None: no body."""
         boxes = []
         for case in inputs:
-            mask = largest_component(body_mask(case, self.mode, self.threshold), self.block)
-            case_box = body_box(mask, self.margin, roi)
+            case_box = body_box(largest_component(body_mask(case, self.mode, self.threshold), self.block), self.margin)
             if case_box is not None:
                 boxes.append(case_box)
         if not boxes:
             return None
-        return tuple(slice(min(b[d].start for b in boxes), max(b[d].stop for b in boxes)) for d in range(len(spatial)))
+        dims = inputs.ndim - 2
+        return tuple(slice(min(b[d].start for b in boxes), max(b[d].stop for b in boxes)) for d in range(dims))
 
     def background(self, channels: int, like: torch.Tensor) -> torch.Tensor:
-        """The logits written outside the box, shaped ``(1, channels, 1, 1, 1)``."""
+        """The logits written outside the run box, shaped ``(1, channels, 1, 1, 1)``."""
         if self.outside == "softmax":
             values = torch.zeros(channels, dtype=like.dtype, device=like.device)
             values[0] = BACKGROUND_LOGIT
@@ -346,24 +413,28 @@ class BodyCropInferer(Inferer):
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        """Run the wrapped inferer on the body's box of ``inputs`` (``B, C, X, Y, Z``); background outside."""
+        """Run the wrapped inferer on the windows of ``inputs`` (``B, C, X, Y, Z``) that meet the body; background outside."""
         if inputs.ndim != 5:
             raise ValueError(f"BodyCropInferer takes B, C, X, Y, Z inputs, got shape {tuple(inputs.shape)}")
         plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         spatial = tuple(plain.shape[2:])
         batch = plain.shape[0]
-        total = count_windows(spatial, self.inferer.roi_size, self.inferer.overlap) * batch
-        box = self.box(plain)
-        self.last_box = box
-        if box is None:
-            self.last_windows = (total, total)
+        roi, overlap = self.inferer.roi_size, self.inferer.overlap
+        total = count_windows(spatial, roi, overlap) * batch
+        body = self.box(plain)
+        self.last_body_box = body
+        if body is None:
+            self.last_box, self.last_windows = None, (total, total)
             logger.info(f"body crop: no body found in {spatial}: whole image, {total} of {total} windows")
             return self.inferer(inputs, network, *args, **kwargs)
-        size = tuple(s.stop - s.start for s in box)
-        run = count_windows(size, self.inferer.roi_size, self.inferer.overlap) * batch
-        self.last_windows = (run, total)
-        where = ", ".join(f"{s.start}:{s.stop}" for s in box)
-        logger.info(f"body crop: box [{where}] of {spatial}: {run} of {total} windows")
+        box = window_box(body, spatial, roi, overlap) if self.tiling == "aligned" else roi_box(body, spatial, roi)
+        run = count_windows([s.stop - s.start for s in box], roi, overlap) * batch
+        self.last_box, self.last_windows = box, (run, total)
+        logger.info(
+            f"body crop: body [{_text(body)}], windows over [{_text(box)}] of {spatial}: {run} of {total} windows"
+        )
+        if run >= total:  # every window is needed: the whole image, as without the crop
+            return self.inferer(inputs, network, *args, **kwargs)
         crop = self.inferer(plain[(slice(None), slice(None), *box)].contiguous(), network, *args, **kwargs)
         if not isinstance(crop, torch.Tensor):
             raise TypeError(f"BodyCropInferer needs a network with one tensor output, got {type(crop).__name__}")
@@ -373,6 +444,10 @@ class BodyCropInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             out = convert_to_dst_type(out, MetaTensor([]).copy_meta_from(inputs, copy_attr=False), device=out.device)[0]
         return out
+
+
+def _text(box: Sequence[slice]) -> str:
+    return ", ".join(f"{s.start}:{s.stop}" for s in box)
 
 
 def body_crop_inferer(inferer: Inferer, enabled: bool = True, **kwargs: Any) -> Inferer:
