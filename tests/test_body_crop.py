@@ -379,3 +379,46 @@ def test_switch_and_bad_arguments():
         BodyCropInferer(inferer, margin=-1)
     with pytest.raises(ValueError, match="B, C, X, Y, Z"):
         BodyCropInferer(inferer)(torch.zeros(1, 8, 8, 8), PerVoxel())
+
+
+#: the wiring proposed for inference.json / evaluate.json (the coordinator owns the configs)
+CONFIG = {
+    "roi_size": [16, 16, 16],
+    "sw_batch_size": 4,
+    "overlap": 0.5,
+    "body_crop": True,
+    "region_based": False,
+    "window": [-175, 250],
+    "sliding_window": {
+        "_target_": "SlidingWindowInferer",
+        "roi_size": "@roi_size",
+        "sw_batch_size": "@sw_batch_size",
+        "overlap": "@overlap",
+        "mode": "gaussian",
+    },
+    "inferer": {
+        "_target_": "custom.segmentation.body_crop.body_crop_inferer",
+        "inferer": "@sliding_window",
+        "enabled": "@body_crop",
+        "mode": "$'above' if @window is not None else 'nonzero'",
+        "outside": "$'sigmoid' if @region_based else 'softmax'",
+    },
+}
+
+
+def test_config_wiring_builds_the_crop_and_the_switch_turns_it_off():
+    from monai.bundle import ConfigParser
+
+    def inferer(**overrides):
+        parser = ConfigParser({**CONFIG, **overrides})
+        return parser.get_parsed_content("inferer")
+
+    crop = inferer()
+    assert isinstance(crop, BodyCropInferer) and crop.mode == "above" and crop.outside == "softmax"
+    assert isinstance(crop.inferer, SlidingWindowInferer) and list(crop.inferer.roi_size) == [16, 16, 16]
+    mri = inferer(window=None, region_based=True)
+    assert mri.mode == "nonzero" and mri.outside == "sigmoid"
+    assert type(inferer(body_crop=False)) is SlidingWindowInferer
+    with pytest.raises(RuntimeError) as refused:  # MONAI's instantiation error, caused by ours
+        inferer(body_crop="false")
+    assert "body_crop must be True or False" in str(refused.value.__cause__)
