@@ -1,9 +1,9 @@
 """Body crop at inference: run the sliding window over the body's bounding box only, background outside.
 
-A CT volume at the BTCV spacing (about 244 x 202 x 168 voxels) takes 60 windows of 96^3 at overlap 0.5,
-many of them over the air around the body, where the answer is background. nnU-Net and
-TotalSegmentator crop to the body before they segment (issue 18). :class:`BodyCropInferer` wraps the
-bundle's ``SlidingWindowInferer`` and does the same on the preprocessed input, on its device:
+nnU-Net and TotalSegmentator crop to the body before they segment; issue 18 asks the same of the
+bundles, so that windows over the air around the body, where the answer is background, are not run.
+:class:`BodyCropInferer` wraps the bundle's ``SlidingWindowInferer`` and does it on the preprocessed
+input, on its device:
 
 1. **Body mask.** ``mode="above"`` (CT): a voxel is body when any channel is strictly above
    ``threshold``, in the preprocessed units. The bundles window CT with ``ScaleIntensityRanged(a_min,
@@ -20,7 +20,8 @@ bundle's ``SlidingWindowInferer`` and does the same on the preprocessed input, o
    separate table, is dropped. MONAI has ``get_largest_connected_component_mask`` and
    ``KeepLargestConnectedComponent``, but both need scikit-image (or cuCIM on a GPU), which this
    project does not install, and move the mask to the host; only the bounding box is needed here,
-   and a coarse grid labels in a few milliseconds on any device (:func:`largest_component`).
+   and a coarse grid labels fast on any device (:func:`largest_component`; the whole detection took
+   about 1 s for a BTCV-sized volume on this project's 2-core CPU, ``bench/body_crop_bench.py``).
 3. **Body box**: the component's bounding box, ``margin`` voxels wider on each side, clipped to the
    image; for a batch, the union of the cases' boxes.
 4. **Windows**: of the windows the wrapped inferer would run over the whole image (MONAI's tiling:
@@ -36,7 +37,9 @@ bundle's ``SlidingWindowInferer`` and does the same on the preprocessed input, o
    instead (fewer windows, an output that differs inside, see :class:`BodyCropInferer`).
 
 Each call logs the boxes and how many windows ran out of how many (:func:`count_windows`, the count
-MONAI's ``sliding_window_inference`` runs).
+MONAI's ``sliding_window_inference`` runs). Measured on the CT sample ``ct_full`` (243 x 201 x 168 at
+1.5 x 1.5 x 2.0 mm, ROI 96^3): the body spans the field of view, so no window is skipped at overlap
+0.25 (24 of 24) or 0.5 (60 of 60), with either tiling; the saving depends on the scan's field of view.
 """
 
 from __future__ import annotations
@@ -174,7 +177,8 @@ def largest_component(mask: torch.Tensor, block: int = 4) -> torch.Tensor:
     Labels spread by 3^3 max-pooling and pointer jumping (a node takes the label of the node its label
     names) until nothing changes; the component with the most mask voxels wins (the first on a tie).
     Exact for the coarse graph, on ``mask``'s device. With ``block=1`` it is the usual largest
-    26-connected component.
+    26-connected component, but slow on a whole volume (80 s for 243 x 201 x 168 on this project's
+    CPU, against 0.6 s with the default ``block=4`` of :class:`BodyCropInferer`).
 
     Args:
         mask: bool, spatial dimensions only (X, Y, Z).
