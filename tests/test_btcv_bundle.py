@@ -63,7 +63,7 @@ def test_training_cache_holds_indices_and_crops_drop_them(sample_dataset):
 
     parser = ConfigParser()
     parser.read_config(str(BTCV / "configs" / "train.json"))
-    parser.update({"dataset_dir": str(sample_dataset), **SMALL, "num_workers": 0})
+    parser.update({"bundle_root": str(BTCV), "dataset_dir": str(sample_dataset), **SMALL, "num_workers": 0})
     dataset = parser.get_parsed_content("train#dataset")
     cached = dataset._cache[0]
     assert cached["label"].dtype == torch.uint8 and cached["label_fg_indices"].dtype == torch.int32

@@ -11,6 +11,7 @@ import torch
 from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import DiceMetric
+from monai.transforms import Compose
 
 from custom.segmentation.evaluation import CheckSameGridd, LabelDiceMetric, label_dice
 from custom.segmentation.report import EvaluationReport
@@ -88,26 +89,35 @@ def test_metrics_json_scores_false_positives_zero_and_absent_null(tmp_path):
     assert "predicted scores 0" in metrics["note"]
 
 
-@pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_msd"])
-def test_evaluation_repeats_the_inference_steps(bundle):
-    """evaluate.json retypes inference.json's image steps (no foreground crop) and its post-processing up to the
-    inversion, so that the Dice it reports is that of the label map inference writes; this catches drift."""
+@pytest.mark.parametrize("region_based", [False, True], ids=["classes", "regions"])
+def test_evaluation_repeats_the_inference_steps(region_based):
+    """Evaluation runs inference's image steps (no foreground crop) and its post-processing up to the
+    inversion, so that the Dice it reports is that of the label map inference writes. Both configs of both
+    bundles build them with the same builders of the shared pipeline, from the same task."""
     from pathlib import Path
 
-    configs = Path(__file__).resolve().parents[1] / bundle / "configs"
-    evaluate = json.loads((configs / "evaluate.json").read_text())
-    inference = json.loads((configs / "inference.json").read_text())
+    from monai.transforms import EnsureTyped
 
-    def steps(transforms: list[dict], drop: tuple[str, ...]) -> list[dict]:
-        kept = [{k: v for k, v in t.items() if k not in ("keys", "orig_keys", "nearest_interp")} for t in transforms]
-        return [t for t in kept if t["_target_"] not in drop and not (t["_target_"] == "EnsureTyped" and "device" in t)]
+    from custom.segmentation import pipeline
+    from custom.segmentation.task import TaskRecipe
 
-    assert steps(evaluate["validate#preprocessing#transforms"], ()) == steps(
-        inference["preprocessing"]["transforms"], ()
-    )
-    post = steps(evaluate["validate#postprocessing#transforms"], ("custom.segmentation.evaluation.CheckSameGridd",))
-    expected = steps(inference["postprocessing"]["transforms"], ("SaveImaged",))
-    for t in expected:
-        if t["_target_"] == "Invertd":
-            t["transform"] = "@validate#preprocessing"
-    assert post[: len(expected)] == expected
+    def steps(transforms) -> list:
+        kept = [t for t in transforms if not isinstance(t, EnsureTyped)]  # device and type moves only
+        return [(type(t).__name__, getattr(t, "keys", None)) for t in kept]
+
+    task = TaskRecipe("T", "CT", (2.0, 2.0, 2.0), (64, 64, 64), (-175.0, 250.0), region_based=region_based)
+    evaluate = steps(pipeline.load_transforms(task, "evaluate"))
+    assert [n for n, _ in evaluate] == [n for n, _ in steps(pipeline.load_transforms(task, "infer"))]
+    assert [k for n, k in evaluate if n != "LoadImaged"] == [("image",)] * 3  # only the image is resampled
+    pre = Compose(pipeline.load_transforms(task, "evaluate"))
+    post = [type(t).__name__ for t in pipeline.evaluation_postprocessing(task, pre).transforms]
+    written = [type(t).__name__ for t in pipeline.inference_postprocessing(task, pre, "/tmp/o", "/tmp/i").transforms]
+    assert written[-1] == "SaveImaged" and post[: len(written) - 1] == written[:-1]
+    for bundle in ("swin_unetr_btcv", "swin_unetr_msd"):
+        configs = Path(__file__).resolve().parents[1] / bundle / "configs"
+        evaluate_json = json.loads((configs / "evaluate.json").read_text())
+        inference_json = json.loads((configs / "inference.json").read_text())
+        assert evaluate_json["validate#preprocessing"]["transforms"]["stage"] == "evaluate"
+        assert inference_json["preprocessing"]["transforms"]["stage"] == "infer"
+        assert evaluate_json["validate#postprocessing"]["_target_"].endswith("pipeline.evaluation_postprocessing")
+        assert inference_json["postprocessing"]["_target_"].endswith("pipeline.inference_postprocessing")

@@ -393,6 +393,19 @@ class BodyCropInferer(Inferer):
         #: the box the wrapped inferer ran on in the last call (:func:`window_box` of the body box)
         self.last_box: tuple[slice, ...] | None = None
 
+    @property
+    def roi_size(self) -> Any:
+        """The wrapped sliding window's ROI (read by tests, MONAI Label and the recipe checks)."""
+        return self.inferer.roi_size
+
+    @property
+    def overlap(self) -> Any:
+        return self.inferer.overlap
+
+    @property
+    def sw_batch_size(self) -> int:
+        return self.inferer.sw_batch_size
+
     def box(self, inputs: torch.Tensor) -> tuple[slice, ...] | None:
         """The body box of a batch ``inputs`` (``B, C`` + spatial; the union of the cases' boxes), or None: no body."""
         boxes = []

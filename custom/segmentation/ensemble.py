@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["ALL_FLIPS", "tta_flips", "EnsemblePredictor", "load_ensemble", "ensemble_predictor"]
+
+logger = logging.getLogger(__name__)
 
 #: every subset of the three spatial axes, the identity first (8 mirrorings)
 ALL_FLIPS: list[tuple[int, ...]] = [c for r in range(4) for c in itertools.combinations(range(3), r)]
@@ -180,7 +183,11 @@ def load_ensemble(
                 _state_mismatch(path, "model", net, state, "or list weights trained with these settings")
             ) from None
         networks.append(net.to(device) if device is not None else net)
-    return EnsemblePredictor(networks, activation, tta_flips(tta)).eval()
+    flips = tta_flips(tta)
+    logger.info(
+        f"ensemble of {len(networks)} weight files ({', '.join(map(str, files))}), {len(flips)} mirroring(s) each"
+    )
+    return EnsemblePredictor(networks, activation, flips).eval()
 
 
 def ensemble_predictor(

@@ -57,6 +57,7 @@ __all__ = [
     "cache_transforms",
     "random_transforms",
     "cache_plan",
+    "sliding_window",
     "validation_postprocessing",
     "validation_metric",
     "TrainingHandlers",
@@ -64,6 +65,8 @@ __all__ = [
     "evaluation_postprocessing",
     "evaluation_metric",
     "inference_postprocessing",
+    "predictor",
+    "cv_summary",
     "model_handlers",
     "evaluation_handlers",
     "engine_options",
@@ -206,6 +209,29 @@ def cache_plan(
     )
 
 
+def sliding_window(task: TaskRecipe, sw_batch_size: int, overlap: float, body_crop: bool = False) -> Any:
+    """MONAI's ``SlidingWindowInferer`` over ``task.roi_size`` (gaussian blending), skipping windows in air on request.
+
+    With ``body_crop`` the windows that lie wholly outside the body are not run and background is written
+    there (:class:`custom.segmentation.body_crop.BodyCropInferer`): the body is what is above the CT
+    window's floor, or the non-zero voxels of a z-scored MRI; the output inside the body's box is the
+    uncropped one. BrainTumour's sigmoid regions get sigmoid background.
+    """
+    from monai.inferers import SlidingWindowInferer
+
+    from custom.segmentation.body_crop import body_crop_inferer
+
+    window = SlidingWindowInferer(
+        roi_size=list(task.roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian"
+    )
+    return body_crop_inferer(
+        window,
+        enabled=body_crop,
+        mode="above" if task.window is not None else "nonzero",
+        outside="sigmoid" if task.region_based else "softmax",
+    )
+
+
 def _discrete(task: TaskRecipe, keys: Sequence[str] = ("pred",)) -> list:
     """Network outputs to labels: argmax over classes, or BrainTumour's regions thresholded at sigmoid 0.5."""
     if task.region_based:
@@ -293,11 +319,13 @@ def validation_handlers(ckpt_dir: str, output_dir: str, network: torch.nn.Module
     ]
 
 
-def evaluation_postprocessing(task: TaskRecipe, preprocessing: Compose) -> Compose:
+def evaluation_postprocessing(task: TaskRecipe, preprocessing: Compose, prediction_dir: str | None = None) -> Compose:
     """The label map inference would write (same steps), inverted to the label's own grid, checked to be on it.
 
     BrainTumour's regions become its label map first (as inference writes it), and after the inversion
     both prediction and label become the three regions again, which are what BraTS scores.
+    With ``prediction_dir`` (a fold's evaluation, ``@output_dir/fold_<F>``) the label map is also written
+    there as inference names it, for ``run cv_summary``.
     """
     from custom.segmentation.evaluation import CheckSameGridd
 
@@ -314,6 +342,8 @@ def evaluation_postprocessing(task: TaskRecipe, preprocessing: Compose) -> Compo
         ),
         CheckSameGridd("pred", ref_key="label"),
     ]
+    if prediction_dir is not None:
+        chain.append(_writer(prediction_dir))
     if task.region_based:
         chain.append(MSDBrainTumourRegionsd(["pred", "label"]))
     return Compose(chain)
@@ -335,50 +365,134 @@ def evaluation_metric(task: TaskRecipe) -> dict:
     }
 
 
-def inference_postprocessing(task: TaskRecipe, preprocessing: Compose, output_dir: str, input_dir: str) -> Compose:
-    """Label map, inverted to the input image's own grid, written as ``<case>_seg.nii.gz`` (uint8) into ``output_dir``.
-
-    ``output_dir`` is refused when it is ``input_dir`` or inside it (:func:`custom.data.inputs.checked_output_dir`);
-    names come from :func:`custom.data.inputs.output_name_formatter` (DICOM series by folder).
-    """
+def _writer(output_dir: str) -> SaveImaged:
+    """``<case>_seg.nii.gz`` (uint8) on the grid the label map is on, named as inference names it."""
     import numpy as np
 
-    from custom.data.inputs import checked_output_dir, output_name_formatter
+    from custom.data.inputs import output_name_formatter
+
+    return SaveImaged(
+        "pred",
+        output_dir=output_dir,
+        output_postfix="seg",
+        output_dtype=np.uint8,
+        resample=False,
+        separate_folder=False,
+        output_name_formatter=output_name_formatter,
+    )
+
+
+def inference_postprocessing(
+    task: TaskRecipe,
+    preprocessing: Compose,
+    output_dir: str,
+    input_dir: str,
+    postprocessing_file: str | None = None,
+) -> Compose:
+    """Label map, inverted to the input image's own grid, cleaned as cross-validation chose, written to ``output_dir``.
+
+    ``<case>_seg.nii.gz`` (uint8); ``output_dir`` is refused when it is ``input_dir`` or inside it
+    (:func:`custom.data.inputs.checked_output_dir`); names from :func:`custom.data.inputs.output_name_formatter`
+    (DICOM series by folder). ``postprocessing_file`` (written by ``run cv_summary``) names the classes
+    whose largest connected component alone is kept (:class:`custom.segmentation.postprocess.KeepLargestComponentsd`),
+    on the grid the decision was scored on, the input's own.
+    """
+    from custom.data.inputs import checked_output_dir
+    from custom.segmentation.postprocess import KeepLargestComponentsd
 
     chain = _discrete(task)
     if task.region_based:
         chain.append(RegionsToLabelsd("pred"))
-    return Compose(
-        chain
-        + [
-            Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True),
-            SaveImaged(
-                "pred",
-                output_dir=checked_output_dir(output_dir, input_dir),
-                output_postfix="seg",
-                output_dtype=np.uint8,
-                resample=False,
-                separate_folder=False,
-                output_name_formatter=output_name_formatter,
-            ),
-        ]
+    chain.append(Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True))
+    if postprocessing_file is not None:
+        chain.append(KeepLargestComponentsd("pred", decision_file=postprocessing_file))
+    return Compose(chain + [_writer(checked_output_dir(output_dir, input_dir))])
+
+
+def predictor(
+    task: TaskRecipe,
+    network: torch.nn.Module,
+    runtime: torch.nn.Module | None = None,
+    ensemble: Sequence[str] | None = None,
+    tta: bool | Sequence[Sequence[int]] = False,
+    device: Any = None,
+) -> torch.nn.Module:
+    """What the sliding window runs per window: the network (or its ONNX ``runtime``), or the mean of an
+    ``ensemble`` of weight files and of mirrored copies (``tta``), in probabilities (softmax, or sigmoid for
+    BrainTumour's regions): :func:`custom.segmentation.ensemble.ensemble_predictor`. With neither, the
+    network itself, so the default path is unchanged."""
+    from custom.segmentation.ensemble import ensemble_predictor
+
+    activation = "sigmoid" if task.region_based else "softmax"
+    return ensemble_predictor(network, ensemble, tta, activation=activation, device=device, predictor=runtime)
+
+
+def cv_summary(
+    task: TaskRecipe,
+    cases: Sequence[Mapping[str, Any]],
+    splits_file: str,
+    num_folds: int,
+    output_dir: str,
+    nsd_tolerance_mm: float,
+    decision_file: str,
+    dataset_dir: str | None = None,
+) -> dict:
+    """``run cv_summary``: each fold's held-out predictions (``@output_dir/fold_<F>``) against their labels.
+
+    Writes ``cv_summary.json``, ``cv_summary.md`` (Dice, HD95 in mm and NSD per class and mean, per fold
+    and pooled) and the post-processing decision (``decision_file``); the classes are the task's, without
+    background, or BrainTumour's three regions (:mod:`custom.segmentation.cv_summary`).
+    """
+    from custom.segmentation.cv_summary import cv_summary_from_splits
+    from custom.segmentation.msd import BRATS_REGIONS
+
+    extra: dict[str, Any] = {}
+    names = list(task.class_names)
+    if task.region_based:
+        extra["classes"] = list(BRATS_REGIONS.values())
+    else:
+        names = names[1:]
+    return cv_summary_from_splits(
+        cases,
+        splits_file,
+        num_folds,
+        prediction_dir=f"{output_dir}/fold_{{fold}}",
+        output_dir=output_dir,
+        class_names=names,
+        nsd_tolerance_mm=nsd_tolerance_mm,
+        dataset_dir=dataset_dir,
+        decision_file=decision_file,
+        **extra,
     )
 
 
-def model_handlers(model_file: str, bundle_root: str, network: torch.nn.Module, device: Any, desc: str) -> list:
-    """Evaluation and inference: load ``model_file`` (checksum checked, named errors), log, a progress bar."""
+def model_handlers(
+    model_file: str, bundle_root: str, network: torch.nn.Module, device: Any, desc: str, ensemble: Any = None
+) -> list:
+    """Evaluation and inference: load ``model_file`` (checksum checked, named errors), log, a progress bar.
+
+    With an ``ensemble`` the predictor loads its own files, and ``network`` is left as it is.
+    """
     from ignite.handlers import ProgressBar
     from monai.handlers import StatsHandler
 
     from custom.engines.checkpoint import ModelLoader
     from custom.networks.weights import verified_path
 
-    path = verified_path(model_file, bundle_root=bundle_root)
-    return [ModelLoader(path, network, map_location=device), StatsHandler(iteration_log=False), ProgressBar(desc=desc)]
+    logs = [StatsHandler(iteration_log=False), ProgressBar(desc=desc)]
+    if ensemble:
+        return logs
+    return [ModelLoader(verified_path(model_file, bundle_root=bundle_root), network, map_location=device), *logs]
 
 
 def evaluation_handlers(
-    task: TaskRecipe, model_file: str, bundle_root: str, network: torch.nn.Module, device: Any, output_dir: str
+    task: TaskRecipe,
+    model_file: str,
+    bundle_root: str,
+    network: torch.nn.Module,
+    device: Any,
+    output_dir: str,
+    ensemble: Any = None,
 ) -> list:
     """:func:`model_handlers` and the report: ``metrics.json`` by class name and a picture per case.
 

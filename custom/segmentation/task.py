@@ -102,6 +102,11 @@ class TaskRecipe:
                 object.__setattr__(self, name, tuple(value))
         if isinstance(self.augmentation, Mapping):
             object.__setattr__(self, "augmentation", Augmentation(**self.augmentation))
+        if not self.region_based and self.num_labels and self.class_names and len(self.class_names) != self.num_labels:
+            raise ValueError(
+                f"task {self.name}: {len(self.class_names)} class names {list(self.class_names)} but "
+                f"num_labels (num_classes) {self.num_labels}: the network's outputs and the class names must agree"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "out_channels": self.out_channels}
