@@ -155,6 +155,7 @@ def _read_json(path: Path) -> Any:
 def large_files_problems(bundle: str | os.PathLike) -> list[str]:
     """What is wrong with the bundle's large-file listing (empty: fine, or no listing)."""
     from bundles.package import sha256
+    from custom.networks.weights import read_large_files
 
     root = Path(bundle)
     present = [n for n in LARGE_FILES if (root / n).is_file()]
@@ -163,17 +164,13 @@ def large_files_problems(bundle: str | os.PathLike) -> list[str]:
         for n in present
         if n != "large_files.yml"
     ]
-    listing = root / "large_files.yml"
-    if not listing.is_file():
-        return problems
-    import yaml
-
     try:
-        data = yaml.safe_load(listing.read_text())
-    except yaml.YAMLError as e:
-        return problems + [f"large_files.yml: not valid YAML ({e})"]
-    entries = data.get("large_files") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
+        entries = read_large_files(root)
+    except ValueError as e:
+        return problems + [str(e)]
+    if entries is None:
+        return problems
+    if not entries:
         return problems + [
             "large_files.yml: expected a non-empty `large_files:` list of {path, url, hash_val, hash_type}"
         ]
@@ -209,12 +206,11 @@ def check_files(bundle: str | os.PathLike) -> str:
     problems = [f"{f}: missing" for f in REQUIRED_FILES if not (root / f).is_file()]
     problems += large_files_problems(root)
     _fail_if(problems)
-    listing = root / "large_files.yml"
-    if listing.is_file():
-        import yaml
+    from custom.networks.weights import read_large_files
 
-        n = len(yaml.safe_load(listing.read_text())["large_files"])
-        weights = f"large_files.yml lists {n} file(s) under models/, sha256 checked where present"
+    entries = read_large_files(root)
+    if entries is not None:
+        weights = f"large_files.yml lists {len(entries)} file(s) under models/, sha256 checked where present"
     else:
         weights = "no large_files.yml (no weights shipped)"
     return f"{', '.join(REQUIRED_FILES)} present; {weights}"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from custom.data.ssl_corpus import CorpusError, MemmapCropDataset, load_ssl_datalists, main, preprocess_corpus
+from custom.data.ssl_corpus import CorpusError, MemmapCropDataset, load_ssl_datalists, preprocess_corpus
+from custom.tools.ssl_corpus import main
 
 ROI = (16, 16, 16)
 #: the body (HU > -1000) inside each 40 x 36 x 30 test volume; the rest is air
