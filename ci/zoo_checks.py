@@ -1,9 +1,11 @@
 """The MONAI model zoo's checks of a bundle, run offline on this collection's bundles.
 
-    python ci/zoo_checks.py                                   # the three bundles, every check, and lint
-    python ci/zoo_checks.py swin_unetr_btcv swin_unetr_ssl    # named bundles (or paths to bundle folders)
-    python ci/zoo_checks.py swin_unetr_msd --checks files,metadata,json_format   # the quick ones (no model)
-    python ci/zoo_checks.py --checks lint                     # only the repository's lint
+    python -m ci.zoo_checks                                   # the three bundles, every check, and lint
+    python -m ci.zoo_checks swin_unetr_btcv swin_unetr_ssl    # named bundles (or paths to bundle folders)
+    python -m ci.zoo_checks swin_unetr_msd --checks files,metadata,json_format   # the quick ones (no model)
+    python -m ci.zoo_checks --checks lint                     # only the repository's lint
+
+(from the repository root: ``ci``, ``bundles`` and ``custom`` import as packages).
 
 Prints one PASS/FAIL line per check (the reasons under a failure) and exits with status 1 when any
 check failed. What the model zoo's CI does to a bundle (Project-MONAI/model-zoo ``ci/verify_bundle.py``,
@@ -69,8 +71,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # bundles.sample_data, as when run as `python ci/zoo_checks.py`
 
 __all__ = [
     "BUNDLES",
@@ -773,7 +773,7 @@ def run_checks(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python ci/zoo_checks.py",
+        prog="python -m ci.zoo_checks",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )
