@@ -12,6 +12,8 @@ import os
 import platform
 from pathlib import Path
 
+from bundles.sample_data import DEFAULT_SAMPLE_DIR, SMALL_SIZES
+
 __all__ = [
     "REPO",
     "RESULTS",
@@ -27,11 +29,12 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[1]
 #: where the result files live (``results/<script>_<device>_<date>.json``)
 RESULTS = REPO / "bench" / "results"
-#: the shared CT sample, beside the checkout (``bundles.sample_data.DEFAULT_SAMPLE_DIR``)
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "ct_sample"
-#: bundle overrides per size; at the BTCV spacing one inference volume alone takes about 5 minutes on two CPU cores
+#: the shared CT sample, beside the checkout
+SAMPLE_DIR = DEFAULT_SAMPLE_DIR
+#: bundle overrides per size (small: the tests' and the demo's); at the BTCV spacing one inference volume alone
+#: takes about 5 minutes on two CPU cores
 SIZES = {
-    "small": {"feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]},
+    "small": dict(SMALL_SIZES),
     "full": {"feature_size": 48, "roi_size": [96, 96, 96], "pixdim": [1.5, 1.5, 2.0]},
 }
 #: the sample's ``ct_full.nii.gz`` on each size's grid: the volume the inference benchmarks slide over

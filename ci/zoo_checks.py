@@ -398,42 +398,16 @@ def _ssl_inputs(bundle: Path, work: Path, sample_dir: Path) -> dict:
 
 
 def _msd_inputs(bundle: Path, work: Path, sample_dir: Path) -> dict:
-    """An MSD ``Task09_Spleen`` folder (the metadata's default task) from the sample: the slab twice (the
-    five-fold split needs a training and a validation case), its spleen label, ct_full as the test image."""
-    import nibabel as nib
-    import numpy as np
+    """An MSD ``Task09_Spleen`` folder (the metadata's default task) made by the tests' own builder
+    (``bundles.msd_tasks.make_task``): two labelled cases (the five-fold split needs a training and a
+    validation case) and one test image."""
+    from bundles.msd_tasks import make_task
 
-    data = _sample_dataset(work, sample_dir)
-    task = work / "Task09_Spleen"
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (task / sub).mkdir(parents=True, exist_ok=True)
-    btcv_label = nib.load(str(data / "labelsTr" / "label0001.nii.gz"))
-    spleen = (np.asarray(btcv_label.dataobj) == 1).astype(np.uint8)  # BTCV label 1 is the spleen
-    training = []
-    for i in range(2):
-        name = f"spleen_{i}.nii.gz"
-        if not (task / "imagesTr" / name).exists():
-            os.symlink((data / "imagesTr" / "img0001.nii.gz").resolve(), task / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(spleen, btcv_label.affine), str(task / "labelsTr" / name))
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    if not (task / "imagesTs" / "spleen_9.nii.gz").exists():
-        os.symlink((data / "imagesTs" / "ct_full.nii.gz").resolve(), task / "imagesTs" / "spleen_9.nii.gz")
-    dataset = {
-        "name": "Spleen",
-        "description": "the shared CT sample as an MSD Spleen task, for ci/zoo_checks.py",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "spleen"},
-        "numTraining": len(training),
-        "numTest": 1,
-        "training": training,
-        "test": ["./imagesTs/spleen_9.nii.gz"],
-    }
-    (task / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
-    return {"dataset_dir": str(task)}
+    return {"dataset_dir": str(make_task(work, "Task09_Spleen", cases=2, tests=1))}
 
 
-#: bundle name -> maker of its inputs from the CT sample (ids of its configs -> values)
+#: bundle name -> maker of its inputs (ids of its configs -> values), with the builders the tests use: the CT
+#: sample as a BTCV dataset folder (``bundles.sample_data``), a small MSD task (``bundles.msd_tasks``)
 INPUT_MAKERS: dict[str, Callable[[Path, Path, Path], dict]] = {
     "swin_unetr_btcv": _btcv_inputs,
     "swin_unetr_ssl": _ssl_inputs,

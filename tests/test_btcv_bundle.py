@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, TORCHRUN, run_bundle, write_dicom_series
+from helpers import BTCV, REPO, SMALL, TORCHRUN, custom_of_child, run_bundle, sha256, write_dicom_series
 from monai.networks.nets import SwinUNETR
 from PIL import Image
 
@@ -33,10 +32,6 @@ ORGANS = [
     "right adrenal gland",
     "left adrenal gland",
 ]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def small_net() -> SwinUNETR:
@@ -103,11 +98,12 @@ def test_resume_continues_then_fresh_start_keeps_old_files(run_copy):
     state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
 
-    old = sha256(ckpt / "checkpoint.pt")
+    old, old_model = sha256(ckpt / "checkpoint.pt"), sha256(ckpt / "model.pt")
     run_bundle("training", ["configs/train.json"], {**run_copy, "max_epochs": 1, "resume": False})
     backups = list(ckpt.glob("checkpoint.pt.*.bak"))
     assert len(backups) == 1 and sha256(backups[0]) == old
-    assert list(ckpt.glob("model.pt.*.bak"))
+    model_backups = list(ckpt.glob("model.pt.*.bak"))
+    assert len(model_backups) == 1 and sha256(model_backups[0]) == old_model  # the user's best weights, kept
     assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 1
 
 
@@ -257,7 +253,8 @@ def test_torchscript_export_of_the_trained_model_reproduces_eager(trained, tmp_p
 
 
 def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):
-    """A copied-out bundle carries its own `custom/` and runs with no path back into the repository."""
+    """A copied-out bundle carries its own `custom/` and runs with no path back into the repository: every
+    ``custom`` module the run imports is loaded from the copy's files."""
     copy = tmp_path / "elsewhere" / "swin_unetr_btcv"
     shutil.copytree(BTCV, copy, ignore=shutil.ignore_patterns("models", "outputs", "__pycache__"))
     assert (copy / "custom").is_dir() and not (copy / "custom").is_symlink()
@@ -269,11 +266,14 @@ def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):
         ["configs/inference.json"],
         {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)},
         cwd=copy,
-        python_args=("-X", "importtime"),
+        report_custom=True,
     )
     assert (out / "slab_seg.nii.gz").is_file()
-    custom_imports = [line for line in proc.stderr.splitlines() if line.rstrip().endswith(" custom")]
-    assert custom_imports, "custom was not imported"
+    modules = custom_of_child(proc)
+    assert {"custom", "custom.data.inputs", "custom.networks.recipe"} <= set(modules), sorted(modules)
+    own = (copy / "custom").resolve()
+    elsewhere = {name: f for name, f in modules.items() if not f.resolve().is_relative_to(own)}
+    assert not elsewhere, f"loaded from outside the copy's custom/ ({own}): {elsewhere}"
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_bundle
+from helpers import REPO, run_bundle
 from monai.bundle import ConfigParser
-from msd_tasks import OFFICIAL, make_task
 
+from bundles.msd_tasks import OFFICIAL, make_task
 from custom.segmentation.msd import (
     BRATS_REGIONS,
     MSD_TRAINING_CASES,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BTCV, SMALL, TORCHRUN, bundle_command, run_bundle
+from helpers import BTCV, SMALL, TORCHRUN, bundle_command, run_bundle
 from ignite.engine import Engine, Events
 from monai.optimizers import WarmupCosineSchedule
 

@@ -9,7 +9,7 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
+from helpers import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
 
 from custom.data.cases import SKIPPED
 from custom.data.preflight import DataCheck, DataCheckError

@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, run_bundle
+from helpers import BTCV, REPO, SMALL, run_bundle
 from monai.bundle import ConfigParser
-from msd_tasks import make_task
 
+from bundles.msd_tasks import make_task
 from custom.networks.recipe import RecipeMismatchError, check_recipe
 
 MSD = REPO / "swin_unetr_msd"

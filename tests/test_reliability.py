@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
+from helpers import BTCV, REPO, SMALL, bundle_command, run_bundle, sha256
 from ignite.engine import Engine
 
 from custom.engines.checkpoint import TrainingCheckpoint
@@ -190,8 +189,7 @@ def test_inference_checks_its_inputs_first_and_the_flag_skips_it(tmp_path, train
 
 
 def test_msd_task_folder_problems_are_named_before_training(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from msd_tasks import make_task
+    from bundles.msd_tasks import make_task
 
     task = make_task(tmp_path, "Task09_Spleen", cases=2, tests=0)
     meta = json.loads((task / "dataset.json").read_text())
@@ -206,12 +204,6 @@ def test_msd_task_folder_problems_are_named_before_training(tmp_path):
 
 
 # --- training stops at a case it cannot load, and checkpoint/resume errors name the file (issue 13, 1/4/5) ---
-
-
-def sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _dataset_with_bad_case(root: Path, sample_dataset: Path, name: str, data: bytes) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
+from helpers import BTCV, REPO, SMALL, bundle_command, run_bundle
 from test_btcv_bundle import two_case_dataset  # noqa: F401  (the fixture: two cases, one per rank)
 from test_ssl_bundle import SMALL_SSL
 
@@ -117,9 +117,10 @@ def test_second_run_on_a_busy_ckpt_dir_is_refused_and_a_killed_run_leaves_no_stu
 
 def _acquire_in_a_child(ckpt_dir: Path, **env: str) -> subprocess.CompletedProcess:
     """``RunLock(ckpt_dir).acquire()`` in another Python process, with ``env`` added to its environment."""
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from custom.engines.run_lock import RunLock; "
-    code += f"RunLock({str(ckpt_dir)!r}).acquire()"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**_env(), **env})
+    code = f"from custom.engines.run_lock import RunLock; RunLock({str(ckpt_dir)!r}).acquire()"
+    return subprocess.run(  # in the repository root: its ``custom`` on the path, as ``python -c`` puts the cwd first
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**_env(), **env}, cwd=REPO
+    )
 
 
 def test_lock_is_per_process_and_skipped_by_other_ranks(tmp_path, monkeypatch):

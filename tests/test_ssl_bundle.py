@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import BTCV, REPO, TORCHRUN, run_bundle
+from helpers import BTCV, REPO, TORCHRUN, run_bundle
 from monai.bundle import ConfigParser
 
 from custom.networks.ssl import SSLHead, released_to_ssl_state
@@ -54,8 +55,12 @@ def test_pretraining_logs_each_loss_and_writes_checkpoint_and_encoder(pretrained
     assert "module.layers1.0.blocks.0.mlp.fc1.weight" in released["state_dict"]
     model = SSLHead(feature_size=12)
     model.load_state_dict(released_to_ssl_state(released))  # our own export loads back, strictly
-    index = json.loads((pretrained["work"] / "cache" / "index.json").read_text())
-    assert index  # the corpus was preprocessed once into the cache
+    cache = pretrained["work"] / "cache"
+    index = json.loads((cache / "index.json").read_text())  # the corpus was preprocessed into the cache
+    assert index["complete"] is True and index["settings"]["roi_size"] == SMALL_SSL["roi_size"]
+    stored = [(v["section"], Path(v["source"]).name) for v in index["volumes"]]
+    assert stored == [("training", "ct_full.nii.gz"), ("validation", "img0001.nii.gz")]  # ssl_dataset.json's
+    assert all((cache / v["file"]).is_file() for v in index["volumes"])
 
 
 def test_resume_continues_pretraining(pretrained, tmp_path):

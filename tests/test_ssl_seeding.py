@@ -13,7 +13,7 @@ import random
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from conftest import BTCV, REPO
+from helpers import BTCV, REPO
 
 SSL = REPO / "swin_unetr_ssl"
 MSD = REPO / "swin_unetr_msd"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BTCV, REPO
+from helpers import BTCV, REPO
 
 from bundles.package import sha256
 from ci.zoo_checks import (
