@@ -7,11 +7,13 @@ The helpers the test modules import are in ``helpers.py``; this file holds only 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import SMALL, run_bundle
+from helpers import btcv_overrides, run_bundle
 
 from bundles.sample_data import DEFAULT_SAMPLE_DIR, prepare_sample_dataset
 
@@ -35,23 +37,25 @@ def sample_dataset(tmp_path_factory, sample_dir) -> Path:
 def trained(tmp_path_factory, sample_dataset) -> dict:
     """Train 2 epochs x 1 step through ``run training``; returns the paths and the command's output."""
     work = tmp_path_factory.mktemp("btcv_run")
-    paths = {
-        "dataset_dir": str(sample_dataset),
-        "ckpt_dir": str(work / "models"),
-        "output_dir": str(work / "outputs"),
-    }
-    overrides = {
-        **paths,
-        **SMALL,
-        "max_epochs": 2,
-        "epoch_length": 1,
-        "val_interval": 1,
-        "num_samples": 1,
-        "use_checkpoint": False,
-        "warmup_epochs": 1,
-    }
+    overrides = btcv_overrides(sample_dataset, work, max_epochs=2, epoch_length=1, val_interval=1, warmup_epochs=1)
     proc = run_bundle("training", ["configs/train.json"], overrides)
+    paths = {k: overrides[k] for k in ("dataset_dir", "ckpt_dir", "output_dir")}
     return {**paths, "work": work, "overrides": overrides, "proc": proc}
+
+
+@pytest.fixture(scope="module")
+def two_case_dataset(tmp_path_factory, sample_dataset) -> Path:
+    """Two cases (the slab twice) so that each of two ranks gets one."""
+    d = tmp_path_factory.mktemp("two_cases")
+    for sub in ("imagesTr", "labelsTr"):
+        (d / sub).mkdir()
+    case = []
+    for i in (1, 2):
+        os.symlink((sample_dataset / "imagesTr/img0001.nii.gz").resolve(), d / f"imagesTr/img000{i}.nii.gz")
+        os.symlink((sample_dataset / "labelsTr/label0001.nii.gz").resolve(), d / f"labelsTr/label000{i}.nii.gz")
+        case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
+    (d / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
+    return d
 
 
 @pytest.fixture()

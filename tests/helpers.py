@@ -26,6 +26,9 @@ __all__ = [
     "TORCHRUN",
     "SMALL",
     "SMALL_SIZES",
+    "SMALL_SSL",
+    "ssl_overrides",
+    "btcv_overrides",
     "CT_UID",
     "LOCALIZER_UID",
     "bundle_command",
@@ -47,6 +50,45 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 #: overrides every bundle command in the tests shares: the demo's small sizes (``SMALL_SIZES``), no AMP,
 #: no loader processes, a cheaper sliding window
 SMALL = {**DEMO_OVERRIDES, "sw_batch_size": 2, "overlap": 0.25}
+#: SSL pre-training at the small sizes (the corpus keeps the sample's own grid): one volume a step, two crops of it
+SMALL_SSL = {
+    "feature_size": SMALL_SIZES["feature_size"],
+    "roi_size": SMALL_SIZES["roi_size"],
+    "amp": False,
+    "num_workers": 0,
+    "use_checkpoint": False,
+    "batch_size": 1,
+    "num_samples": 2,
+    "warmup_steps": 1,
+    "val_interval": 1,
+}
+
+
+def btcv_overrides(dataset: Path, work: Path, **extra) -> dict:
+    """BTCV training at :data:`SMALL` on ``dataset``, one crop a step, no gradient checkpointing (nothing to save
+    on a CPU); checkpoints in ``work/models``, logs in ``work/outputs``; ``extra`` adds to or replaces any of it."""
+    return {
+        **SMALL,
+        "dataset_dir": str(dataset),
+        "ckpt_dir": str(work / "models"),
+        "output_dir": str(work / "outputs"),
+        "num_samples": 1,
+        "use_checkpoint": False,
+        **extra,
+    }
+
+
+def ssl_overrides(dataset: Path, work: Path, **extra) -> dict:
+    """Pre-training at :data:`SMALL_SSL` on ``dataset``'s ``ssl_dataset.json``; corpus, checkpoints, logs in ``work``."""
+    return {
+        **SMALL_SSL,
+        "dataset_dir": str(dataset),
+        "datalist": [str(dataset / "ssl_dataset.json")],
+        "cache_dir": str(work / "cache"),
+        "ckpt_dir": str(work / "models"),
+        "output_dir": str(work / "outputs"),
+        **extra,
+    }
 
 
 #: ``python -m monai.bundle`` run by ``runpy`` (the same module search path: the working directory first), then,

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BTCV, REPO, SMALL, TORCHRUN, custom_of_child, run_bundle, sha256, write_dicom_series
+from helpers import BTCV, REPO, SMALL, TORCHRUN, btcv_overrides, custom_of_child, run_bundle, sha256, write_dicom_series
 from monai.networks.nets import SwinUNETR
 from PIL import Image
 
@@ -276,34 +276,9 @@ def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):
     assert not elsewhere, f"loaded from outside the copy's custom/ ({own}): {elsewhere}"
 
 
-@pytest.fixture(scope="module")
-def two_case_dataset(tmp_path_factory, sample_dataset) -> Path:
-    """Two cases (the slab twice) so that each of two ranks gets one."""
-    d = tmp_path_factory.mktemp("two_cases")
-    for sub in ("imagesTr", "labelsTr"):
-        (d / sub).mkdir()
-    case = []
-    for i in (1, 2):
-        os.symlink((sample_dataset / "imagesTr/img0001.nii.gz").resolve(), d / f"imagesTr/img000{i}.nii.gz")
-        os.symlink((sample_dataset / "labelsTr/label0001.nii.gz").resolve(), d / f"labelsTr/label000{i}.nii.gz")
-        case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
-    (d / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
-    return d
-
-
 def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp_path):
     """DDP with gloo: 2 ranks train, validation is reduced over both, only rank 0 writes."""
-    overrides = {
-        **SMALL,
-        "dataset_dir": str(two_case_dataset),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 1,
-        "val_interval": 1,
-        "num_samples": 1,
-        "use_checkpoint": False,
-        "warmup_epochs": 0,
-    }
+    overrides = btcv_overrides(two_case_dataset, tmp_path, max_epochs=1, val_interval=1, warmup_epochs=0)
     run_bundle("training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides, python_args=TORCHRUN)
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1  # 2 cases / 2 ranks = 1 step per rank

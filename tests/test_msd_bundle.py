@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, run_bundle
+from helpers import MSD, run_bundle
 from monai.bundle import ConfigParser
 
 from bundles.msd_tasks import OFFICIAL, make_task
@@ -26,7 +26,6 @@ from custom.segmentation.msd import (
     task_loss,
 )
 
-MSD = REPO / "swin_unetr_msd"
 #: channels and classes (without background) of the ten tasks, from the issue's table
 EXPECTED = {
     "Task01_BrainTumour": (4, 3),

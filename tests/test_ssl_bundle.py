@@ -8,38 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BTCV, REPO, TORCHRUN, run_bundle
+from helpers import BTCV, SMALL_SSL, SSL, TORCHRUN, run_bundle, ssl_overrides
 from monai.bundle import ConfigParser
 
 from custom.networks.ssl import SSLHead, released_to_ssl_state
-
-SSL = REPO / "swin_unetr_ssl"
-SMALL_SSL = {
-    "feature_size": 12,
-    "roi_size": [64, 64, 64],
-    "amp": False,
-    "num_workers": 0,
-    "use_checkpoint": False,
-    "batch_size": 1,
-    "num_samples": 2,
-    "warmup_steps": 1,
-    "val_interval": 1,
-}
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, sample_dataset) -> dict:
     work = tmp_path_factory.mktemp("ssl_run")
-    overrides = {
-        **SMALL_SSL,
-        "dataset_dir": str(sample_dataset),
-        "datalist": [str(sample_dataset / "ssl_dataset.json")],
-        "cache_dir": str(work / "cache"),
-        "ckpt_dir": str(work / "models"),
-        "output_dir": str(work / "outputs"),
-        "max_epochs": 2,
-        "epoch_length": 1,
-    }
+    overrides = ssl_overrides(sample_dataset, work, max_epochs=2, epoch_length=1)
     proc = run_bundle("training", ["configs/train.json"], overrides, cwd=SSL)
     return {"work": work, "overrides": overrides, "proc": proc}
 
@@ -110,16 +88,7 @@ def test_check_data_names_a_missing_volume(tmp_path, sample_dataset):
 
 def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
     """torchrun, 2 ranks on gloo: rank 0 preprocesses, each rank seeds itself, negatives are gathered, only rank 0 writes."""
-    overrides = {
-        **SMALL_SSL,
-        "dataset_dir": str(sample_dataset),
-        "datalist": [str(sample_dataset / "ssl_dataset.json")],
-        "cache_dir": str(tmp_path / "cache"),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 1,
-        "epoch_length": 1,
-    }
+    overrides = ssl_overrides(sample_dataset, tmp_path, max_epochs=1, epoch_length=1)
     proc = run_bundle(
         "training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides, cwd=SSL, python_args=TORCHRUN
     )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import BTCV, REPO
+from helpers import BTCV, REPO, SSL
 
 from bundles.package import sha256
 from ci.zoo_checks import (
@@ -28,7 +28,6 @@ from ci.zoo_checks import (
 )
 from custom.networks.weights import verified_path
 
-SSL = REPO / "swin_unetr_ssl"
 #: the command line, run from the repository root as the docs say
 CLI = [sys.executable, "-m", "ci.zoo_checks"]
 OTHER_HASH = "0" * 64
