@@ -76,6 +76,22 @@ def test_dataset_json_without_required_fields_is_named(tmp_path, drop):
         load_task(task)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'["./imagesTr/spleen_000.nii.gz"]', "expected a JSON object with a 'training' list, got list"),
+        (b"\xff\xfe not text", "not valid JSON"),
+    ],
+)
+def test_dataset_json_that_is_not_an_object_is_named(tmp_path, content, message):
+    """The one datalist reader (``custom.data.inputs.read_datalist``): what it is, not which keys it lacks."""
+    task = make_task(tmp_path, "Task09_Spleen", cases=1, tests=0)
+    (task / "dataset.json").write_bytes(content)
+    with pytest.raises(TaskError, match=message) as err:
+        load_task(task)
+    assert str(task / "dataset.json") in str(err.value)
+
+
 def test_validation_fold_is_disjoint_and_covers_every_case(tmp_path):
     task = make_task(tmp_path, "Task09_Spleen", cases=7, tests=1)
     train, val = msd_datalist(task, "training"), msd_datalist(task, "validation")

@@ -104,6 +104,7 @@ def check(tmp_path, datalist_text: str | None) -> DataCheck:
     [
         (None, "datalist not found"),
         ("{not json", "not valid JSON"),
+        ('["imagesTr/a.nii.gz"]', "expected a JSON object with a 'training' list, got list"),
         ('{"training": []}', "'training' must be a non-empty list"),
         ('{"validation": []}', "no 'training' list"),
         ('{"training": [{"label": "x.nii.gz"}]}', "has no 'image'"),
