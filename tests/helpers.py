@@ -38,6 +38,7 @@ __all__ = [
     "write_dicom_series",
     "truncated",
     "custom_of_child",
+    "tensorboard_scalars",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +151,25 @@ def custom_of_child(proc: subprocess.CompletedProcess) -> dict[str, Path]:
             found[name] = Path(file)
     assert "custom" in found, f"the run imported no custom module:\n{proc.stdout[-3000:]}"
     return found
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of every TensorBoard event file in ``folder`` (TensorBoard's own reader).
+
+    Raises:
+        AssertionError: ``folder`` holds no event file.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(folder.glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard log in {folder}"
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for f in files:
+        events = EventAccumulator(str(f))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((s.step, s.value) for s in events.Scalars(tag))
+    return {tag: sorted(values) for tag, values in scalars.items()}
 
 
 #: SeriesInstanceUID :func:`write_dicom_series` gives a series unless told otherwise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BTCV, REPO, SMALL, TORCHRUN, btcv_overrides, custom_of_child, run_bundle, sha256, write_dicom_series
+from helpers import (
+    BTCV,
+    REPO,
+    SMALL,
+    TORCHRUN,
+    btcv_overrides,
+    custom_of_child,
+    run_bundle,
+    sha256,
+    tensorboard_scalars,
+    write_dicom_series,
+)
 from monai.networks.nets import SwinUNETR
 from PIL import Image
 
@@ -47,7 +59,12 @@ def test_training_writes_best_model_and_resumable_checkpoint(trained):
     assert state["trainer"]["iteration"] == 2 and state["trainer"]["max_epochs"] == 2
     assert state["lr_scheduler"]["last_epoch"] == 2
     assert 0.0 <= state["validator"]["best_metric"] <= 1.0
-    assert list(Path(trained["output_dir"]).glob("events.out.tfevents.*")), "no TensorBoard log"
+    scalars = tensorboard_scalars(Path(trained["output_dir"]))  # TensorBoard: the loss per step, Dice per epoch
+    assert [step for step, _ in scalars["train_loss"]] == [1, 2] and all(
+        math.isfinite(v) for _, v in scalars["train_loss"]
+    )
+    assert [step for step, _ in scalars["val_mean_dice"]] == [1, 2]
+    assert max(v for _, v in scalars["val_mean_dice"]) == pytest.approx(state["validator"]["best_metric"], abs=1e-6)
     assert "val_mean_dice" in trained["proc"].stdout
 
 
