@@ -1,8 +1,8 @@
 """This collection's defaults against the model zoo's recipe, measured side by side in one run.
 
-    python bench/compare.py --size small            # this CPU: feature_size 12, 64^3 crops
-    python bench/compare.py --size full             # a GPU: feature_size 48, 96^3 crops
-    python bench/compare.py --report                # rewrite docs/benchmarks.md from bench/results/
+    python -m bench.compare --size small            # this CPU: feature_size 12, 64^3 crops
+    python -m bench.compare --size full             # a GPU: feature_size 48, 96^3 crops
+    python -m bench.compare --report                # rewrite docs/benchmarks.md from bench/results/
 
 Each measurement runs the bundles' own configs in a fresh process (``monai.bundle.ConfigWorkflow``,
 what ``python -m monai.bundle run`` runs), the baseline being the same config with one override file
@@ -40,22 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO, RESULTS, SAMPLE_DIR, SIZES, cpu_name, flop_utilisation
 
-RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
 ZOO = REPO / "bench" / "zoo_recipe"
 BUNDLES = {"btcv": REPO / "swin_unetr_btcv", "ssl": REPO / "swin_unetr_ssl"}
-SIZES = {
-    # this CPU: the sample's own 3 mm grid (122 x 101 x 112 for ct_full); at the BTCV spacing one
-    # inference volume alone takes about 5 minutes on two cores
-    "small": {"feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]},
-    "full": {"feature_size": 48, "roi_size": [96, 96, 96], "pixdim": [1.5, 1.5, 2.0]},
-}
-#: FLOPs of one 96^3 crop through Swin UNETR f48, forward plus backward (FACTS.md), and H100 bf16 dense peak
-FLOP_PER_CROP_F48_96 = 1.909e12
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 
 # --------------------------------------------------------------------------------------------- child side
@@ -152,7 +141,7 @@ def _device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"CPU {cpu_name()}"
 
 
 def make_data(work: Path, sample_dir: Path, copies: int) -> dict:
@@ -194,13 +183,13 @@ def make_data(work: Path, sample_dir: Path, copies: int) -> dict:
 def run_child(
     mode: str, part: str, pipeline: str, overrides: dict, args: argparse.Namespace, state_out: str = ""
 ) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--part", part, "--pipeline", pipeline]
+    cmd = [sys.executable, "-m", "bench.compare", "--child", mode, "--part", part, "--pipeline", pipeline]
     cmd += ["--overrides", json.dumps(overrides), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if state_out:
         cmd += ["--state_out", state_out]
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=pythonpath)
-    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env)
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise ChildFailed(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -237,7 +226,7 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
     paths = make_data(work, Path(args.sample_dir), args.copies)
     common = {**size, "amp": gpu, "preflight": False}
     result: dict = {
-        "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.compare " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "device": _device_name(),
         "versions": _versions(),
@@ -282,10 +271,11 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
             },
             "crops_per_second",
         )
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device"]), None)
-        if ok and peak and args.size == "full":  # pipeline rate, data loading included
+        if ok:  # pipeline rate, data loading included
             rate = result["train"]["ours"]["crops_per_second"]
-            result["train"]["model_flop_utilisation"] = round(rate * FLOP_PER_CROP_F48_96 / peak, 4)
+            mfu = flop_utilisation(rate, result["device"], size["feature_size"], size["roi_size"][0])
+            if mfu is not None:
+                result["train"]["model_flop_utilisation"] = mfu
         out.write_text(json.dumps(result, indent=2) + "\n")
     if "infer" in parts and "error" not in result.get("train", {}):
         ckpt = work / "infer_models"
@@ -448,7 +438,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="training steps before timing starts")
     parser.add_argument("--copies", type=int, default=2, help="inference volumes timed after the first")
-    parser.add_argument("--sample_dir", default=str(REPO.parent / "shared" / "data" / "ct_sample"))
+    parser.add_argument("--sample_dir", default=str(SAMPLE_DIR))
     parser.add_argument(
         "--out", default="", help="result JSON (default bench/results/compare_<device>_<size>_<date>.json)"
     )
@@ -472,7 +462,7 @@ def main() -> int:
     result = benchmark(args, out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + markdown(result))
-    print(f"wrote {out}; `python bench/compare.py --report` puts it into {DOC.relative_to(REPO)}")
+    print(f"wrote {out}; `python -m bench.compare --report` puts it into {DOC.relative_to(REPO)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """SSL corpus preprocessing throughput: volumes/s of ``preprocess_corpus`` for 1, 2, ... worker processes.
 
-    python bench/corpus_bench.py --copies 8 --workers 1 2 --pixdim 1.5 1.5 2.0 --out bench/results/corpus.json
+    python -m bench.corpus_bench --copies 8 --workers 1 2 --pixdim 1.5 1.5 2.0 --out bench/results/corpus.json
 
 The corpus is ``--copies`` links to the project's real CT sample (``shared/data/ct_sample/ct_full.nii.gz``,
 122 x 101 x 112 voxels of 3 mm), each under its own name, so each is decoded, resampled to ``--pixdim``
@@ -24,15 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "ct_sample" / "ct_full.nii.gz"
+from bench.common import SAMPLE_DIR
+
+SAMPLE = SAMPLE_DIR / "ct_full.nii.gz"
 
 
 def run(copies: int, workers: list[int], pixdim: list[float] | None, project: int, sample: Path) -> dict:
     """Time ``preprocess_corpus`` over ``copies`` links to ``sample`` for each worker count."""
-    import sys
-
-    sys.path.insert(0, str(REPO))
     from custom.data.ssl_corpus import preprocess_corpus
 
     results = []

@@ -1,6 +1,6 @@
 """CPU inference runtimes: eager PyTorch against TorchScript and ONNX Runtime, same weights.
 
-    python bench/cpu_runtimes.py --out bench/results/cpu_runtimes_<date>.json
+    python -m bench.cpu_runtimes --out bench/results/cpu_runtimes_<date>.json
 
 Sliding-window inference (gaussian, overlap 0.5, sw_batch_size 4) over a volume of ct_full's size at
 3 mm (122 x 101 x 112), Swin UNETR at feature_size 12 with 64^3 windows (``--size small``) or f48 at
@@ -29,14 +29,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import SIZES, VOLUMES
+from bench.levers import swin_unetr
+from custom.networks.runtimes import OnnxRuntimePredictor
 
-from bench.levers import swin_unetr  # noqa: E402
-from custom.networks.runtimes import OnnxRuntimePredictor  # noqa: E402
-
-SIZES = {"small": (12, 64), "full": (48, 96)}
-SHAPE = (122, 101, 112)
+SHAPE = VOLUMES["small"]
 
 
 def build_predictors(feature_size: int, roi: int) -> dict:
@@ -66,7 +63,7 @@ def main() -> int:
     args = parser.parse_args()
     from monai.inferers import sliding_window_inference
 
-    feature_size, roi = SIZES[args.size]
+    feature_size, roi = SIZES[args.size]["feature_size"], SIZES[args.size]["roi_size"][0]
     volume = torch.rand(1, 1, *SHAPE, generator=torch.Generator().manual_seed(1))
     predictors = build_predictors(feature_size, roi)
 
@@ -86,7 +83,7 @@ def main() -> int:
             times[name].append(time.perf_counter() - start)
     reference = statistics.median(times["eager, SDPA (default)"])
     result = {
-        "command": "python bench/cpu_runtimes.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.cpu_runtimes " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The full-size benchmark on one GPU, within about 8 minutes:
-#   1. bench/compare.py --size full: this collection's defaults against the zoo recipe, pipelines
+#   1. python -m bench.compare --size full: this collection's defaults against the zoo recipe, pipelines
 #      end to end (training crops/s, inference s/volume and label agreement, SSL crops/s, memory);
-#   2. bench/levers.py --size full: each speed lever alone on the network step (f48, 96^3, 4 crops)
+#   2. python -m bench.levers --size full: each speed lever alone on the network step (f48, 96^3, 4 crops)
 #      and on sliding-window inference, from the model zoo's settings one change at a time
-#      (torch.compile left out: it compiles for minutes; `levers.py --ours_compile` measures it).
+#      (torch.compile left out: it compiles for minutes; `python -m bench.levers --ours_compile` measures it).
 # On an H100 the two took 285 s (cut off in SSL's second pair at that limit) and 87 s (5 of the 7
-# training rows). bench/infer_probe.py (about 3.5 minutes) profiles inference apart.
+# training rows). python -m bench.infer_probe (about 3.5 minutes) profiles inference apart.
 # Results go to $OUT (when set, e.g. on a lent device machine) or bench/results/.
 #
 #   bash bench/gpu.sh [SAMPLE_DIR]        # SAMPLE_DIR defaults to ../shared/data/ct_sample
@@ -26,7 +26,7 @@ TAG=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ',
 DAY=$(date +%F)
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 360 python3 bench/compare.py --size full --repeats 2 --steps 8 --warmup 3 --copies 2 \
+timeout 360 python3 -m bench.compare --size full --repeats 2 --steps 8 --warmup 3 --copies 2 \
     --sample_dir "$SAMPLE_DIR" --out "$RESULTS/compare_${TAG}_full_${DAY}.json" || echo "compare: exit $?"
-timeout 110 python3 bench/levers.py --size full --steps 5 --warmup 2 --repeats 2 --skip compile \
+timeout 110 python3 -m bench.levers --size full --steps 5 --warmup 2 --repeats 2 --skip compile \
     --out "$RESULTS/levers_${TAG}_${DAY}.json" || echo "levers: exit $?"

@@ -1,6 +1,6 @@
 """Where Swin UNETR inference spends its time on a GPU, and what the remaining levers buy.
 
-    python bench/infer_probe.py --out bench/results/infer_probe_<device>.json [--sections ...]
+    python -m bench.infer_probe --out bench/results/infer_probe_<device>.json [--sections ...]
 
 Sections (``--sections``, all by default; about 3.5 minutes on an H100, most of it compiling):
 
@@ -29,12 +29,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import VOLUMES
+from bench.levers import swin_unetr
 
-from bench.levers import swin_unetr  # noqa: E402
-
-SHAPE = (244, 202, 168)
+SHAPE = VOLUMES["full"]
 
 
 def _net(device, channels_last=False):

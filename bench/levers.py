@@ -1,8 +1,8 @@
 """Each speed lever on its own: the network step alone, one lever added at a time, in one process.
 
-    python bench/levers.py --size full --out bench/results/levers_<device>.json
+    python -m bench.levers --size full --out bench/results/levers_<device>.json
 
-The pipelines of ``bench/compare.py`` include data loading; this isolates the model's own compute,
+The pipelines of ``bench.compare`` include data loading; this isolates the model's own compute,
 where the levers of ``custom.networks.options.speed_options`` and the configs act. Training: Swin UNETR,
 DiceCE, 4 crops per step on random inputs (never zeros), median seconds per step after warm-up and
 peak memory, starting from the model zoo's settings (fp16 autocast with a GradScaler, gradient
@@ -23,13 +23,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from custom.networks.options import speed_options  # noqa: E402
+from bench.common import SIZES, VOLUMES, flop_utilisation
+from custom.networks.options import speed_options
 
 #: feature_size, crop edge, inference volume (ct_full at 3 mm on the CPU, at the BTCV spacing on a GPU)
-SIZES = {"small": (12, 64, (122, 101, 112)), "full": (48, 96, (244, 202, 168))}
 #: zoo settings, then one change per row (each row keeps the changes of the rows above unless it says so)
 TRAIN_ROWS = [
     ("zoo: fp16, checkpointing, benchmark off, Adam, MONAI attention", {}),
@@ -139,10 +136,9 @@ def time_train(opts: dict, feature_size: int, roi: int, steps: int, warmup: int,
         out["loss_not_finite"] = True
     if cuda:
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        name = torch.cuda.get_device_name(0)
-        if feature_size == 48 and roi == 96 and ("H100" in name or "H200" in name):
-            # 1.909 TFLOP per 96^3 crop forward + backward (f48); 989 TFLOP/s bf16 dense peak
-            out["model_flop_utilisation"] = round(4 / step * 1.909e12 / 989e12, 4)
+        mfu = flop_utilisation(4 / step, torch.cuda.get_device_name(0), feature_size, roi)
+        if mfu is not None:
+            out["model_flop_utilisation"] = mfu
     return out
 
 
@@ -186,7 +182,7 @@ def main() -> int:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    feature_size, roi, shape = SIZES[args.size]
+    feature_size, roi, shape = SIZES[args.size]["feature_size"], SIZES[args.size]["roi_size"][0], VOLUMES[args.size]
     skip = [s for s in args.skip.split(",") if s]
     result = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",

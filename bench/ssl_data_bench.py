@@ -1,6 +1,6 @@
 """Feeding SSL pre-training crops: RAM and crops/s of three data paths, for a small and a larger corpus.
 
-    python bench/ssl_data_bench.py --sizes 4 32 --batches 20 --num_workers 2 --out results.json
+    python -m bench.ssl_data_bench --sizes 4 32 --batches 20 --num_workers 2 --out results.json
 
 The corpus is synthetic CT (int16 HU, .nii.gz, 192 x 192 x 128 voxels by default, 1.5 x 1.5 x 2 mm:
 air at or below -1000 HU around an elliptical body with fat, soft tissue, lungs and a spine, with
@@ -41,8 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO, RESULTS
 
 METHODS = {
     "a": "Dataset, decode per item",
@@ -259,7 +258,7 @@ def measure(spec: dict) -> dict:
 
 def _run_child(spec: dict) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "bench.ssl_data_bench", "--_child", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['method']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -334,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=50, help="timed batches (after one warm-up batch)")
     parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (and cache threads)")
     parser.add_argument("--work_dir", default=None, help="where the corpora go (default: a temporary folder)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / f"ssl_data_{dt.date.today()}.json"))
+    parser.add_argument("--out", default=str(RESULTS / f"ssl_data_{dt.date.today()}.json"))
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -344,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ssl_data_bench_"))
     try:
         results = {
-            "script": "bench/ssl_data_bench.py",
+            "script": "bench.ssl_data_bench",
             "date": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": _machine(),
             "setup": {k: v for k, v in vars(args).items() if k not in ("_child", "out", "work_dir")},

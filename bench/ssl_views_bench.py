@@ -1,6 +1,6 @@
 """SSL view generation: batched on the device (``custom.networks.ssl.SSLViews``) against a per-sample loop.
 
-    python bench/ssl_views_bench.py [--device cuda] [--batch 8] [--size 96] [--repeats 20] [--out file.json]
+    python -m bench.ssl_views_bench [--device cuda] [--batch 8] [--size 96] [--repeats 20] [--out file.json]
 
 The baseline (``bench/research_views.py``) is written in the style of the paper's research code (our own code, same recipe):
 for each sample, a Python loop draws a rotation and rotates it, then draws boxes one at a time with
@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.research_views import loop_views  # noqa: E402
-from custom.networks.ssl import SSLViews  # noqa: E402
+from bench.research_views import loop_views
+from custom.networks.ssl import SSLViews
 
 
 def _sync(device: torch.device) -> None:

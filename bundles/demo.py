@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .sample_data import DEFAULT_SAMPLE_DIR, prepare_sample_dataset
+from .sample_data import DEFAULT_SAMPLE_DIR, SMALL_SIZES, prepare_sample_dataset
 
 __all__ = ["DEMO_OVERRIDES", "DEMO_RUNTIME", "DEMO_TRAINING", "bundle_command", "cli_args", "run_demo"]
 
@@ -36,13 +36,7 @@ BUNDLE = REPO / "swin_unetr_btcv"
 SSL_BUNDLE = REPO / "swin_unetr_ssl"
 
 #: the demo's sizes, shared by all three commands (see the module docstring for why)
-DEMO_OVERRIDES = {
-    "feature_size": 12,
-    "roi_size": [64, 64, 64],
-    "pixdim": [3.0, 3.0, 3.0],
-    "amp": False,
-    "num_workers": 0,
-}
+DEMO_OVERRIDES = {**SMALL_SIZES, "amp": False, "num_workers": 0}
 #: what evaluation and inference are given: run-time choices only; the sizes come from the recipe saved in
 #: model.pt by the fine-tuning (``custom.networks.recipe``), so they are typed once, for training
 DEMO_RUNTIME = {k: DEMO_OVERRIDES[k] for k in ("amp", "num_workers")}

@@ -22,10 +22,13 @@ from pathlib import Path
 
 from custom.tools.label_import import import_labels
 
-__all__ = ["DEFAULT_SAMPLE_DIR", "prepare_sample_dataset"]
+__all__ = ["DEFAULT_SAMPLE_DIR", "SMALL_SIZES", "prepare_sample_dataset"]
 
 #: the shared sample, beside the repository checkout (``../shared/data/ct_sample``)
 DEFAULT_SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct_sample"
+#: the smallest Swin UNETR that runs (feature_size 12, 64^3 crops) on the sample's own 3 mm grid: the sizes
+#: of the demo, the tests, the MONAI Label check and the CPU benchmarks (``bench.common.SIZES["small"]``)
+SMALL_SIZES = {"feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]}
 
 
 def prepare_sample_dataset(out_dir: str | os.PathLike, sample_dir: str | os.PathLike = DEFAULT_SAMPLE_DIR) -> Path:

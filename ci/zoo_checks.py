@@ -1,9 +1,11 @@
 """The MONAI model zoo's checks of a bundle, run offline on this collection's bundles.
 
-    python ci/zoo_checks.py                                   # the three bundles, every check, and lint
-    python ci/zoo_checks.py swin_unetr_btcv swin_unetr_ssl    # named bundles (or paths to bundle folders)
-    python ci/zoo_checks.py swin_unetr_msd --checks files,metadata,json_format   # the quick ones (no model)
-    python ci/zoo_checks.py --checks lint                     # only the repository's lint
+    python -m ci.zoo_checks                                   # the three bundles, every check, and lint
+    python -m ci.zoo_checks swin_unetr_btcv swin_unetr_ssl    # named bundles (or paths to bundle folders)
+    python -m ci.zoo_checks swin_unetr_msd --checks files,metadata,json_format   # the quick ones (no model)
+    python -m ci.zoo_checks --checks lint                     # only the repository's lint
+
+(from the repository root: ``ci``, ``bundles`` and ``custom`` import as packages).
 
 Prints one PASS/FAIL line per check (the reasons under a failure) and exits with status 1 when any
 check failed. What the model zoo's CI does to a bundle (Project-MONAI/model-zoo ``ci/verify_bundle.py``,
@@ -69,8 +71,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # bundles.sample_data, as when run as `python ci/zoo_checks.py`
 
 __all__ = [
     "BUNDLES",
@@ -155,6 +155,7 @@ def _read_json(path: Path) -> Any:
 def large_files_problems(bundle: str | os.PathLike) -> list[str]:
     """What is wrong with the bundle's large-file listing (empty: fine, or no listing)."""
     from bundles.package import sha256
+    from custom.networks.weights import read_large_files
 
     root = Path(bundle)
     present = [n for n in LARGE_FILES if (root / n).is_file()]
@@ -163,17 +164,13 @@ def large_files_problems(bundle: str | os.PathLike) -> list[str]:
         for n in present
         if n != "large_files.yml"
     ]
-    listing = root / "large_files.yml"
-    if not listing.is_file():
-        return problems
-    import yaml
-
     try:
-        data = yaml.safe_load(listing.read_text())
-    except yaml.YAMLError as e:
-        return problems + [f"large_files.yml: not valid YAML ({e})"]
-    entries = data.get("large_files") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
+        entries = read_large_files(root)
+    except ValueError as e:
+        return problems + [str(e)]
+    if entries is None:
+        return problems
+    if not entries:
         return problems + [
             "large_files.yml: expected a non-empty `large_files:` list of {path, url, hash_val, hash_type}"
         ]
@@ -209,12 +206,11 @@ def check_files(bundle: str | os.PathLike) -> str:
     problems = [f"{f}: missing" for f in REQUIRED_FILES if not (root / f).is_file()]
     problems += large_files_problems(root)
     _fail_if(problems)
-    listing = root / "large_files.yml"
-    if listing.is_file():
-        import yaml
+    from custom.networks.weights import read_large_files
 
-        n = len(yaml.safe_load(listing.read_text())["large_files"])
-        weights = f"large_files.yml lists {n} file(s) under models/, sha256 checked where present"
+    entries = read_large_files(root)
+    if entries is not None:
+        weights = f"large_files.yml lists {len(entries)} file(s) under models/, sha256 checked where present"
     else:
         weights = "no large_files.yml (no weights shipped)"
     return f"{', '.join(REQUIRED_FILES)} present; {weights}"
@@ -402,42 +398,16 @@ def _ssl_inputs(bundle: Path, work: Path, sample_dir: Path) -> dict:
 
 
 def _msd_inputs(bundle: Path, work: Path, sample_dir: Path) -> dict:
-    """An MSD ``Task09_Spleen`` folder (the metadata's default task) from the sample: the slab twice (the
-    five-fold split needs a training and a validation case), its spleen label, ct_full as the test image."""
-    import nibabel as nib
-    import numpy as np
+    """An MSD ``Task09_Spleen`` folder (the metadata's default task) made by the tests' own builder
+    (``bundles.msd_tasks.make_task``): two labelled cases (the five-fold split needs a training and a
+    validation case) and one test image."""
+    from bundles.msd_tasks import make_task
 
-    data = _sample_dataset(work, sample_dir)
-    task = work / "Task09_Spleen"
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (task / sub).mkdir(parents=True, exist_ok=True)
-    btcv_label = nib.load(str(data / "labelsTr" / "label0001.nii.gz"))
-    spleen = (np.asarray(btcv_label.dataobj) == 1).astype(np.uint8)  # BTCV label 1 is the spleen
-    training = []
-    for i in range(2):
-        name = f"spleen_{i}.nii.gz"
-        if not (task / "imagesTr" / name).exists():
-            os.symlink((data / "imagesTr" / "img0001.nii.gz").resolve(), task / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(spleen, btcv_label.affine), str(task / "labelsTr" / name))
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    if not (task / "imagesTs" / "spleen_9.nii.gz").exists():
-        os.symlink((data / "imagesTs" / "ct_full.nii.gz").resolve(), task / "imagesTs" / "spleen_9.nii.gz")
-    dataset = {
-        "name": "Spleen",
-        "description": "the shared CT sample as an MSD Spleen task, for ci/zoo_checks.py",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "spleen"},
-        "numTraining": len(training),
-        "numTest": 1,
-        "training": training,
-        "test": ["./imagesTs/spleen_9.nii.gz"],
-    }
-    (task / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
-    return {"dataset_dir": str(task)}
+    return {"dataset_dir": str(make_task(work, "Task09_Spleen", cases=2, tests=1))}
 
 
-#: bundle name -> maker of its inputs from the CT sample (ids of its configs -> values)
+#: bundle name -> maker of its inputs (ids of its configs -> values), with the builders the tests use: the CT
+#: sample as a BTCV dataset folder (``bundles.sample_data``), a small MSD task (``bundles.msd_tasks``)
 INPUT_MAKERS: dict[str, Callable[[Path, Path, Path], dict]] = {
     "swin_unetr_btcv": _btcv_inputs,
     "swin_unetr_ssl": _ssl_inputs,
@@ -777,7 +747,7 @@ def run_checks(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python ci/zoo_checks.py",
+        prog="python -m ci.zoo_checks",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""Small helpers the bundle configs call: label names, atomic file writes, rank checks."""
+"""Small helpers the bundle configs call: label names, atomic file writes, rank checks, argument guards."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ __all__ = [
     "class_names_from_metadata",
     "seed_everything",
     "one_line_reason",
+    "NotABoolError",
+    "require_bool",
+    "bare_module",
 ]
 
 
@@ -33,6 +36,60 @@ def is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
+
+
+class NotABoolError(TypeError, ValueError):
+    """A True/False setting got something else; a ``TypeError`` and a ``ValueError``, so callers catching either see it."""
+
+
+def require_bool(value: object, name: str, none: str | None = None) -> bool | None:
+    """``value`` when it is True or False (or None, where ``none`` says what None means); else a clear error.
+
+    The bundle command line reads values as Python literals: ``--amp false`` or ``--resume null`` arrive
+    as the non-empty strings ``"false"`` and ``"null"``, which a plain ``if value:`` would take as true.
+    Every True/False setting of the bundles goes through this one check.
+
+    Args:
+        value: the setting as the config gave it.
+        name: its id (the message says how to write it: ``--<name> False``).
+        none: what None means (e.g. ``"from the weights"``); None: None is refused too.
+
+    Raises:
+        NotABoolError: ``value`` is not a bool (nor None where ``none`` allows it).
+
+    >>> require_bool(False, "amp")
+    False
+    >>> require_bool("false", "amp")
+    Traceback (most recent call last):
+    ...
+    custom.utils.NotABoolError: amp must be True or False, got 'false' (str): command-line values are Python \
+literals; write `--amp True` or `--amp False`.
+    """
+    if isinstance(value, bool) or (value is None and none is not None):
+        return value
+    if none is None:
+        allowed, spelled = "True or False", f"`--{name} True` or `--{name} False`"
+    else:
+        allowed, spelled = f"None ({none}), True or False", f"`--{name} None`, `--{name} True` or `--{name} False`"
+    raise NotABoolError(
+        f"{name} must be {allowed}, got {value!r} ({type(value).__name__}): command-line values are Python "
+        f"literals; write {spelled}."
+    )
+
+
+def bare_module(obj: Any) -> Any:
+    """The model inside a DDP/DataParallel wrapper (its ``module``), anything else as it is.
+
+    ``monai.networks.utils.get_state_dict`` unwraps the same way but returns the state dict; this is for
+    the callers that need the module itself (to load into it, or to compare its keys). A wrapper's
+    state dict keys carry a ``module.`` prefix, the bare model's do not.
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> bare_module(torch.nn.DataParallel(net)) is net, bare_module(net) is net, bare_module("x")
+    (True, True, 'x')
+    """
+    inner = getattr(obj, "module", None) if isinstance(obj, torch.nn.Module) else None
+    return inner if isinstance(inner, torch.nn.Module) else obj
 
 
 class DiskFullError(OSError):

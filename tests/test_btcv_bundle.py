@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +12,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, TORCHRUN, run_bundle, write_dicom_series
+from helpers import (
+    BTCV,
+    REPO,
+    SMALL,
+    TORCHRUN,
+    btcv_overrides,
+    custom_of_child,
+    run_bundle,
+    sha256,
+    tensorboard_scalars,
+    write_dicom_series,
+)
 from monai.networks.nets import SwinUNETR
 from PIL import Image
 
@@ -35,10 +46,6 @@ ORGANS = [
 ]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def small_net() -> SwinUNETR:
     return SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
 
@@ -52,7 +59,12 @@ def test_training_writes_best_model_and_resumable_checkpoint(trained):
     assert state["trainer"]["iteration"] == 2 and state["trainer"]["max_epochs"] == 2
     assert state["lr_scheduler"]["last_epoch"] == 2
     assert 0.0 <= state["validator"]["best_metric"] <= 1.0
-    assert list(Path(trained["output_dir"]).glob("events.out.tfevents.*")), "no TensorBoard log"
+    scalars = tensorboard_scalars(Path(trained["output_dir"]))  # TensorBoard: the loss per step, Dice per epoch
+    assert [step for step, _ in scalars["train_loss"]] == [1, 2] and all(
+        math.isfinite(v) for _, v in scalars["train_loss"]
+    )
+    assert [step for step, _ in scalars["val_mean_dice"]] == [1, 2]
+    assert max(v for _, v in scalars["val_mean_dice"]) == pytest.approx(state["validator"]["best_metric"], abs=1e-6)
     assert "val_mean_dice" in trained["proc"].stdout
 
 
@@ -103,11 +115,12 @@ def test_resume_continues_then_fresh_start_keeps_old_files(run_copy):
     state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 3 and state["lr_scheduler"]["last_epoch"] == 3
 
-    old = sha256(ckpt / "checkpoint.pt")
+    old, old_model = sha256(ckpt / "checkpoint.pt"), sha256(ckpt / "model.pt")
     run_bundle("training", ["configs/train.json"], {**run_copy, "max_epochs": 1, "resume": False})
     backups = list(ckpt.glob("checkpoint.pt.*.bak"))
     assert len(backups) == 1 and sha256(backups[0]) == old
-    assert list(ckpt.glob("model.pt.*.bak"))
+    model_backups = list(ckpt.glob("model.pt.*.bak"))
+    assert len(model_backups) == 1 and sha256(model_backups[0]) == old_model  # the user's best weights, kept
     assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["trainer"]["iteration"] == 1
 
 
@@ -257,7 +270,8 @@ def test_torchscript_export_of_the_trained_model_reproduces_eager(trained, tmp_p
 
 
 def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):
-    """A copied-out bundle carries its own `custom/` and runs with no path back into the repository."""
+    """A copied-out bundle carries its own `custom/` and runs with no path back into the repository: every
+    ``custom`` module the run imports is loaded from the copy's files."""
     copy = tmp_path / "elsewhere" / "swin_unetr_btcv"
     shutil.copytree(BTCV, copy, ignore=shutil.ignore_patterns("models", "outputs", "__pycache__"))
     assert (copy / "custom").is_dir() and not (copy / "custom").is_symlink()
@@ -269,41 +283,19 @@ def test_standalone_copy_outside_the_repo(trained, input_dir, tmp_path):
         ["configs/inference.json"],
         {**SMALL, "ckpt_dir": trained["ckpt_dir"], "input_dir": str(input_dir), "output_dir": str(out)},
         cwd=copy,
-        python_args=("-X", "importtime"),
+        report_custom=True,
     )
     assert (out / "slab_seg.nii.gz").is_file()
-    custom_imports = [line for line in proc.stderr.splitlines() if line.rstrip().endswith(" custom")]
-    assert custom_imports, "custom was not imported"
-
-
-@pytest.fixture(scope="module")
-def two_case_dataset(tmp_path_factory, sample_dataset) -> Path:
-    """Two cases (the slab twice) so that each of two ranks gets one."""
-    d = tmp_path_factory.mktemp("two_cases")
-    for sub in ("imagesTr", "labelsTr"):
-        (d / sub).mkdir()
-    case = []
-    for i in (1, 2):
-        os.symlink((sample_dataset / "imagesTr/img0001.nii.gz").resolve(), d / f"imagesTr/img000{i}.nii.gz")
-        os.symlink((sample_dataset / "labelsTr/label0001.nii.gz").resolve(), d / f"labelsTr/label000{i}.nii.gz")
-        case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
-    (d / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
-    return d
+    modules = custom_of_child(proc)
+    assert {"custom", "custom.data.inputs", "custom.networks.recipe"} <= set(modules), sorted(modules)
+    own = (copy / "custom").resolve()
+    elsewhere = {name: f for name, f in modules.items() if not f.resolve().is_relative_to(own)}
+    assert not elsewhere, f"loaded from outside the copy's custom/ ({own}): {elsewhere}"
 
 
 def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp_path):
     """DDP with gloo: 2 ranks train, validation is reduced over both, only rank 0 writes."""
-    overrides = {
-        **SMALL,
-        "dataset_dir": str(two_case_dataset),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 1,
-        "val_interval": 1,
-        "num_samples": 1,
-        "use_checkpoint": False,
-        "warmup_epochs": 0,
-    }
+    overrides = btcv_overrides(two_case_dataset, tmp_path, max_epochs=1, val_interval=1, warmup_epochs=0)
     run_bundle("training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides, python_args=TORCHRUN)
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1  # 2 cases / 2 ranks = 1 step per rank

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import BTCV, REPO
+from helpers import BTCV, REPO
 
 from ci.zoo_checks import json_format_problem
 
@@ -86,7 +86,7 @@ def parsed(bundle, name: str, ids: list[str], **overrides) -> dict:
 
 
 def test_msd_inference_repeats_its_training_recipe(tmp_path):
-    from msd_tasks import make_task
+    from bundles.msd_tasks import make_task
 
     msd = REPO / "swin_unetr_msd"
     train, infer = load("train.json", msd), load("inference.json", msd)

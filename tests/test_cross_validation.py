@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SMALL, run_bundle
+from helpers import SMALL, run_bundle
 
 TRAIN, EVALUATE = "configs/train.json", "configs/evaluate.json"
 

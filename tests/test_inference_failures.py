@@ -6,7 +6,6 @@ matter here, only which files are written, kept or named), on the real CT slab.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -14,13 +13,9 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
+from helpers import CT_UID, LOCALIZER_UID, REPO, SMALL, run_bundle, sha256, truncated, write_dicom_series
 
 SLAB = "ct_slab.nii.gz"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +127,9 @@ def test_overwrite_and_uneven_slices_only_when_asked(tmp_path, sample_dir, untra
 def test_msd_bad_case_in_worker_processes_is_named(tmp_path):
     """MSD inference loads in 2 worker processes (its default): a failed load still reaches the summary."""
     import torch
-    from conftest import REPO
     from monai.networks.nets import SwinUNETR
-    from msd_tasks import make_task
+
+    from bundles.msd_tasks import make_task
 
     task = make_task(tmp_path, "Task09_Spleen", cases=1, tests=2)
     (tmp_path / "models").mkdir()

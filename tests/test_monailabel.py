@@ -14,7 +14,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
+
+from bundles.sample_data import SMALL_SIZES
 
 CHECK = REPO / "ci" / "monailabel_check.py"
 
@@ -27,6 +29,11 @@ def _load_check():
 
 
 check = _load_check()
+
+
+def test_the_check_trains_the_tiny_model_at_the_tests_sizes():
+    """The check keeps its own copy of the sizes (it runs on the standard library alone, from anywhere)."""
+    assert check.TINY_SIZES == SMALL_SIZES
 
 
 @pytest.mark.timeout(1500)

@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_bundle
+from helpers import MSD, run_bundle
 from monai.bundle import ConfigParser
-from msd_tasks import OFFICIAL, make_task
 
+from bundles.msd_tasks import OFFICIAL, make_task
 from custom.segmentation.msd import (
     BRATS_REGIONS,
     MSD_TRAINING_CASES,
@@ -25,7 +25,6 @@ from custom.segmentation.msd import (
 )
 from custom.segmentation.task import Augmentation, task_loss
 
-MSD = REPO / "swin_unetr_msd"
 #: channels and classes (without background) of the ten tasks, from the issue's table
 EXPECTED = {
     "Task01_BrainTumour": (4, 3),
@@ -74,6 +73,22 @@ def test_dataset_json_without_required_fields_is_named(tmp_path, drop):
     (task / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(TaskError, match=rf"dataset.json: missing \[{drop!r}\]"):
         load_task(task)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'["./imagesTr/spleen_000.nii.gz"]', "expected a JSON object with a 'training' list, got list"),
+        (b"\xff\xfe not text", "not valid JSON"),
+    ],
+)
+def test_dataset_json_that_is_not_an_object_is_named(tmp_path, content, message):
+    """The one datalist reader (``custom.data.inputs.read_datalist``): what it is, not which keys it lacks."""
+    task = make_task(tmp_path, "Task09_Spleen", cases=1, tests=0)
+    (task / "dataset.json").write_bytes(content)
+    with pytest.raises(TaskError, match=message) as err:
+        load_task(task)
+    assert str(task / "dataset.json") in str(err.value)
 
 
 def test_validation_fold_is_disjoint_and_covers_every_case(tmp_path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import BTCV, REPO
+from helpers import BTCV, REPO
 from monai.bundle import ConfigParser
-from msd_tasks import make_task
 
+from bundles.msd_tasks import make_task
 from custom.engines.distributed import rank_handlers
 from custom.segmentation.pipeline import TrainingHandlers
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BTCV, SMALL, TORCHRUN, bundle_command, run_bundle
+from helpers import BTCV, TORCHRUN, btcv_overrides, bundle_command, run_bundle
 from ignite.engine import Engine, Events
 from monai.optimizers import WarmupCosineSchedule
 
@@ -147,19 +147,9 @@ def test_stale_temporaries_of_killed_saves_are_removed_but_not_a_live_one(tmp_pa
 
 # -- real bundle runs, real signals ---------------------------------------------------------------
 def _overrides(tmp: Path, dataset: Path, **extra) -> dict:
-    return {
-        **SMALL,
-        "dataset_dir": str(dataset),
-        "ckpt_dir": str(tmp / "models"),
-        "output_dir": str(tmp / "outputs"),
-        "max_epochs": 1,
-        "epoch_length": 3,
-        "warmup_epochs": 1,
-        "val_interval": 100,
-        "num_samples": 1,
-        "use_checkpoint": False,
-        **extra,
-    }
+    return btcv_overrides(
+        dataset, tmp, **{"max_epochs": 1, "epoch_length": 3, "warmup_epochs": 1, "val_interval": 100, **extra}
+    )
 
 
 def _signal_after_an_iteration(

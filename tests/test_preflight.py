@@ -9,7 +9,7 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
+from helpers import CT_UID, LOCALIZER_UID, SMALL, run_bundle, truncated, write_dicom_series
 
 from custom.data.cases import SKIPPED
 from custom.data.preflight import DataCheck, DataCheckError
@@ -104,6 +104,7 @@ def check(tmp_path, datalist_text: str | None) -> DataCheck:
     [
         (None, "datalist not found"),
         ("{not json", "not valid JSON"),
+        ('["imagesTr/a.nii.gz"]', "expected a JSON object with a 'training' list, got list"),
         ('{"training": []}', "'training' must be a non-empty list"),
         ('{"validation": []}', "no 'training' list"),
         ('{"training": [{"label": "x.nii.gz"}]}', "has no 'image'"),

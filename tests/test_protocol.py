@@ -162,8 +162,7 @@ def test_decathlon_fold_datalist_keeps_the_published_split_without_a_fold(tmp_pa
 
 
 def test_msd_datalist_splits_through_the_splits_file_as_before(tmp_path):
-    from msd_tasks import make_task
-
+    from bundles.msd_tasks import make_task
     from custom.segmentation.msd import msd_datalist
 
     task = make_task(tmp_path, "Task09_Spleen", cases=7, tests=0)

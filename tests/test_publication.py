@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, SMALL, cli, run_bundle
+from helpers import BTCV, REPO, SMALL, cli, custom_of_child, run_bundle
 
 from bundles.package import download_bundle, package_bundle, sha256, write_index
 
@@ -27,7 +27,15 @@ def test_archive_is_reproducible_and_self_contained(tmp_path):
         infos = zf.infolist()
     assert names == sorted(names)
     assert all(n.startswith("swin_unetr_btcv/") for n in names)
-    assert "swin_unetr_btcv/custom/networks/weights.py" in names and "swin_unetr_btcv/configs/train.json" in names
+    # the whole of custom/ (through the bundle's link) and every config, each once
+    custom = sorted(
+        f"swin_unetr_btcv/custom/{p.relative_to(REPO / 'custom').as_posix()}"
+        for p in (REPO / "custom").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    assert [n for n in names if n.startswith("swin_unetr_btcv/custom/")] == custom
+    configs = sorted(f"swin_unetr_btcv/configs/{p.name}" for p in (BTCV / "configs").iterdir())
+    assert [n for n in names if n.startswith("swin_unetr_btcv/configs/")] == configs
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/models/" in n]
     assert all(
         i.date_time == (1980, 1, 1, 0, 0, 0) and not (i.external_attr >> 16) & 0o170000 == 0o120000 for i in infos
@@ -79,13 +87,18 @@ def test_downloaded_bundle_runs_inference_outside_the_repo(trained, tmp_path, sa
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(sample_dir / "ct_slab.nii.gz", inp / "slab.nii.gz")
-    run_bundle(
+    proc = run_bundle(
         "inference",
         ["configs/inference.json"],
         {**SMALL, "input_dir": str(inp), "output_dir": str(tmp_path / "seg")},
         cwd=bundle,
+        report_custom=True,
     )
     assert (tmp_path / "seg" / "slab_seg.nii.gz").is_file()
+    own = (bundle / "custom").resolve()  # the archive's custom/, unpacked: not the repository's
+    modules = custom_of_child(proc)
+    assert {"custom", "custom.data.inputs", "custom.networks.recipe"} <= set(modules), sorted(modules)
+    assert all(f.resolve().is_relative_to(own) for f in modules.values()), {n: str(f) for n, f in modules.items()}
 
 
 def test_onnx_export_matches_eager(trained, tmp_path):

@@ -11,13 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, run_bundle
+from helpers import BTCV, MSD, SMALL, run_bundle
 from monai.bundle import ConfigParser
-from msd_tasks import make_task
 
+from bundles.msd_tasks import make_task
 from custom.networks.recipe import RecipeMismatchError, check_recipe
 
-MSD = REPO / "swin_unetr_msd"
 #: the sizes the ``trained`` fixture trained with (SMALL): inference must find them in model.pt
 SIZES = ("feature_size", "roi_size", "pixdim")
 

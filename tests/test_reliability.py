@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
+from helpers import BTCV, REPO, SMALL, btcv_overrides, bundle_command, run_bundle, sha256
 from ignite.engine import Engine
 
 from custom.engines.checkpoint import TrainingCheckpoint
@@ -113,18 +112,9 @@ def test_checksum_in_large_files_yml_is_enforced(tmp_path):
 
 
 def test_kill_9_during_training_then_the_same_command_resumes(tmp_path, sample_dataset):
-    overrides = {
-        **SMALL,
-        "dataset_dir": str(sample_dataset),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 4,
-        "epoch_length": 1,
-        "val_interval": 100,
-        "num_samples": 1,
-        "use_checkpoint": False,
-        "warmup_epochs": 2,
-    }
+    overrides = btcv_overrides(
+        sample_dataset, tmp_path, max_epochs=4, epoch_length=1, val_interval=100, warmup_epochs=2
+    )
     cmd = bundle_command("training", ["configs/train.json"], overrides)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     ckpt = tmp_path / "models" / "checkpoint.pt"
@@ -190,8 +180,7 @@ def test_inference_checks_its_inputs_first_and_the_flag_skips_it(tmp_path, train
 
 
 def test_msd_task_folder_problems_are_named_before_training(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from msd_tasks import make_task
+    from bundles.msd_tasks import make_task
 
     task = make_task(tmp_path, "Task09_Spleen", cases=2, tests=0)
     meta = json.loads((task / "dataset.json").read_text())
@@ -208,12 +197,6 @@ def test_msd_task_folder_problems_are_named_before_training(tmp_path):
 # --- training stops at a case it cannot load, and checkpoint/resume errors name the file (issue 13, 1/4/5) ---
 
 
-def sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _dataset_with_bad_case(root: Path, sample_dataset: Path, name: str, data: bytes) -> Path:
     """The sample's labelled case, then ``imagesTr/<name>`` holding ``data``, as the training section."""
     for sub in ("imagesTr", "labelsTr"):
@@ -228,19 +211,8 @@ def _dataset_with_bad_case(root: Path, sample_dataset: Path, name: str, data: by
 
 
 def _one_step_epochs(tmp_path: Path, dataset_dir: Path, **extra) -> dict:
-    return {
-        **SMALL,
-        "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 2,
-        "epoch_length": 1,
-        "val_interval": 100,
-        "num_samples": 1,
-        "use_checkpoint": False,
-        "warmup_epochs": 0,
-        **extra,
-    }
+    settings = {"max_epochs": 2, "epoch_length": 1, "val_interval": 100, "warmup_epochs": 0, **extra}
+    return btcv_overrides(dataset_dir, tmp_path, **settings)
 
 
 def test_checked_thread_loader_raises_what_its_thread_met(tmp_path):

@@ -1,6 +1,6 @@
 """Issue 17, items 5, 8 and 10: one run per ckpt_dir, two "nodes" under a c10d rendezvous, memory planned before caching.
 
-Real subprocesses at the tests' small sizes (conftest SMALL): a second training run on a busy
+Real subprocesses at the tests' small sizes (helpers SMALL): a second training run on a busy
 ``ckpt_dir`` is refused naming the first, ``kill -9`` leaves nothing stuck, the multi-GPU configs run
 as 2 nodes x 1 process (two torchrun launchers on localhost, gloo), and the cache planner's estimate
 matches the real cache and falls back when its budget is too small.
@@ -21,14 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BTCV, REPO, SMALL, bundle_command, run_bundle
-from test_btcv_bundle import two_case_dataset  # noqa: F401  (the fixture: two cases, one per rank)
-from test_ssl_bundle import SMALL_SSL
+from helpers import BTCV, REPO, SSL, btcv_overrides, bundle_command, run_bundle, ssl_overrides
 
-SSL = REPO / "swin_unetr_ssl"
 MULTI = ["configs/train.json", "configs/multi_gpu_train.json"]
-#: a BTCV training run at the smallest sizes (no validation: val_interval beyond max_epochs)
-TINY_TRAIN = {**SMALL, "num_samples": 1, "use_checkpoint": False, "warmup_epochs": 0, "val_interval": 100}
 
 
 def _env() -> dict:
@@ -66,14 +61,15 @@ def test_second_run_on_a_busy_ckpt_dir_is_refused_and_a_killed_run_leaves_no_stu
     sample_dataset, tmp_path, monkeypatch
 ):
     models = tmp_path / "models"
-    first_args = {
-        **TINY_TRAIN,
-        "dataset_dir": str(sample_dataset),
-        "ckpt_dir": str(models),
-        "output_dir": str(tmp_path / "out1"),
-        "max_epochs": 4,
-        "epoch_length": 2,
-    }
+    first_args = btcv_overrides(
+        sample_dataset,
+        tmp_path,
+        warmup_epochs=0,
+        val_interval=100,
+        max_epochs=4,
+        epoch_length=2,
+        output_dir=str(tmp_path / "out1"),
+    )
     first = _start("training", ["configs/train.json"], first_args, BTCV, log=tmp_path / "first.log")
     try:
         _wait_for(lambda: _lock_holder(models).get("pid") == first.pid, 120, "the first run to take the lock")
@@ -117,9 +113,10 @@ def test_second_run_on_a_busy_ckpt_dir_is_refused_and_a_killed_run_leaves_no_stu
 
 def _acquire_in_a_child(ckpt_dir: Path, **env: str) -> subprocess.CompletedProcess:
     """``RunLock(ckpt_dir).acquire()`` in another Python process, with ``env`` added to its environment."""
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from custom.engines.run_lock import RunLock; "
-    code += f"RunLock({str(ckpt_dir)!r}).acquire()"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**_env(), **env})
+    code = f"from custom.engines.run_lock import RunLock; RunLock({str(ckpt_dir)!r}).acquire()"
+    return subprocess.run(  # in the repository root: its ``custom`` on the path, as ``python -c`` puts the cwd first
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**_env(), **env}, cwd=REPO
+    )
 
 
 def test_lock_is_per_process_and_skipped_by_other_ranks(tmp_path, monkeypatch):
@@ -177,15 +174,8 @@ def _two_nodes(configs: list[str], overrides: dict, cwd: Path, tmp_path: Path, t
     return logs
 
 
-def test_btcv_trains_on_two_nodes_with_a_c10d_rendezvous(two_case_dataset, tmp_path):  # noqa: F811
-    overrides = {
-        **TINY_TRAIN,
-        "dataset_dir": str(two_case_dataset),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 1,
-        "val_interval": 1,
-    }
+def test_btcv_trains_on_two_nodes_with_a_c10d_rendezvous(two_case_dataset, tmp_path):
+    overrides = btcv_overrides(two_case_dataset, tmp_path, warmup_epochs=0, max_epochs=1, val_interval=1)
     _two_nodes(MULTI, overrides, BTCV, tmp_path)
     state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 1  # 2 cases over 2 nodes: one step each
@@ -193,16 +183,7 @@ def test_btcv_trains_on_two_nodes_with_a_c10d_rendezvous(two_case_dataset, tmp_p
 
 
 def test_ssl_pretrains_on_two_nodes_with_a_c10d_rendezvous(sample_dataset, tmp_path):
-    overrides = {
-        **SMALL_SSL,
-        "dataset_dir": str(sample_dataset),
-        "datalist": [str(sample_dataset / "ssl_dataset.json")],
-        "cache_dir": str(tmp_path / "cache"),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 1,
-        "epoch_length": 1,
-    }
+    overrides = ssl_overrides(sample_dataset, tmp_path, max_epochs=1, epoch_length=1)
     logs = _two_nodes(MULTI, overrides, SSL, tmp_path)
     out = "\n".join(logs)
     assert "rank 0: random seed 0 (base seed 0 + rank)" in out and "rank 1: random seed 1 (base seed 0 + rank)" in out

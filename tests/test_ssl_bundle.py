@@ -4,41 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import BTCV, REPO, TORCHRUN, run_bundle
+from helpers import BTCV, SMALL_SSL, SSL, TORCHRUN, run_bundle, ssl_overrides
 from monai.bundle import ConfigParser
 
 from custom.networks.ssl import SSLHead, released_to_ssl_state
-
-SSL = REPO / "swin_unetr_ssl"
-SMALL_SSL = {
-    "feature_size": 12,
-    "roi_size": [64, 64, 64],
-    "amp": False,
-    "num_workers": 0,
-    "use_checkpoint": False,
-    "batch_size": 1,
-    "num_samples": 2,
-    "warmup_steps": 1,
-    "val_interval": 1,
-}
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, sample_dataset) -> dict:
     work = tmp_path_factory.mktemp("ssl_run")
-    overrides = {
-        **SMALL_SSL,
-        "dataset_dir": str(sample_dataset),
-        "datalist": [str(sample_dataset / "ssl_dataset.json")],
-        "cache_dir": str(work / "cache"),
-        "ckpt_dir": str(work / "models"),
-        "output_dir": str(work / "outputs"),
-        "max_epochs": 2,
-        "epoch_length": 1,
-    }
+    overrides = ssl_overrides(sample_dataset, work, max_epochs=2, epoch_length=1)
     proc = run_bundle("training", ["configs/train.json"], overrides, cwd=SSL)
     return {"work": work, "overrides": overrides, "proc": proc}
 
@@ -54,8 +33,12 @@ def test_pretraining_logs_each_loss_and_writes_checkpoint_and_encoder(pretrained
     assert "module.layers1.0.blocks.0.mlp.fc1.weight" in released["state_dict"]
     model = SSLHead(feature_size=12)
     model.load_state_dict(released_to_ssl_state(released))  # our own export loads back, strictly
-    index = json.loads((pretrained["work"] / "cache" / "index.json").read_text())
-    assert index  # the corpus was preprocessed once into the cache
+    cache = pretrained["work"] / "cache"
+    index = json.loads((cache / "index.json").read_text())  # the corpus was preprocessed into the cache
+    assert index["complete"] is True and index["settings"]["roi_size"] == SMALL_SSL["roi_size"]
+    stored = [(v["section"], Path(v["source"]).name) for v in index["volumes"]]
+    assert stored == [("training", "ct_full.nii.gz"), ("validation", "img0001.nii.gz")]  # ssl_dataset.json's
+    assert all((cache / v["file"]).is_file() for v in index["volumes"])
 
 
 def test_resume_continues_pretraining(pretrained, tmp_path):
@@ -105,16 +88,7 @@ def test_check_data_names_a_missing_volume(tmp_path, sample_dataset):
 
 def test_multi_gpu_pretraining_on_two_cpu_processes(tmp_path, sample_dataset):
     """torchrun, 2 ranks on gloo: rank 0 preprocesses, each rank seeds itself, negatives are gathered, only rank 0 writes."""
-    overrides = {
-        **SMALL_SSL,
-        "dataset_dir": str(sample_dataset),
-        "datalist": [str(sample_dataset / "ssl_dataset.json")],
-        "cache_dir": str(tmp_path / "cache"),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "outputs"),
-        "max_epochs": 1,
-        "epoch_length": 1,
-    }
+    overrides = ssl_overrides(sample_dataset, tmp_path, max_epochs=1, epoch_length=1)
     proc = run_bundle(
         "training", ["configs/train.json", "configs/multi_gpu_train.json"], overrides, cwd=SSL, python_args=TORCHRUN
     )

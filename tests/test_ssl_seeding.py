@@ -13,10 +13,8 @@ import random
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from conftest import BTCV, REPO
+from helpers import BTCV, MSD, SSL
 
-SSL = REPO / "swin_unetr_ssl"
-MSD = REPO / "swin_unetr_msd"
 SEED = 3
 
 

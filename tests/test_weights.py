@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import BTCV
+from helpers import BTCV
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 

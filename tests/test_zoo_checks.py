@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BTCV, REPO
+from helpers import BTCV, REPO, SSL
 
 from bundles.package import sha256
 from ci.zoo_checks import (
@@ -28,8 +28,8 @@ from ci.zoo_checks import (
 )
 from custom.networks.weights import verified_path
 
-SSL = REPO / "swin_unetr_ssl"
-CLI = [sys.executable, str(REPO / "ci" / "zoo_checks.py")]
+#: the command line, run from the repository root as the docs say
+CLI = [sys.executable, "-m", "ci.zoo_checks"]
 OTHER_HASH = "0" * 64
 
 
@@ -72,7 +72,7 @@ def test_code_passes_the_zoo_lint(lint, folder):
     """black, isort, flake8 (setup.cfg) per folder, so that one folder's findings name only its files."""
     assert "(flake8)" not in lint, lint["(flake8)"]
     mine = {f: items for f, items in lint.items() if f.startswith(folder + "/")}
-    assert not mine, f"lint findings in {folder}/ (python ci/zoo_checks.py --checks lint):\n" + "\n".join(
+    assert not mine, f"lint findings in {folder}/ (python -m ci.zoo_checks --checks lint):\n" + "\n".join(
         f"{f}: {'; '.join(items)}" for f, items in mine.items()
     )
 
@@ -205,7 +205,11 @@ def test_missing_property_is_named(tmp_path, sample_dir):
 
 def test_command_line_reports_each_check_and_exits_non_zero_on_failure(tmp_path):
     ok = subprocess.run(
-        [*CLI, "swin_unetr_btcv", "--checks", "files,metadata,json_format"], capture_output=True, text=True, timeout=120
+        [*CLI, "swin_unetr_btcv", "--checks", "files,metadata,json_format"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert [line.split()[:3] for line in ok.stdout.splitlines()[:3]] == [
@@ -220,11 +224,15 @@ def test_command_line_reports_each_check_and_exits_non_zero_on_failure(tmp_path)
     train = bundle / "configs" / "train.json"
     train.write_text(json.dumps(json.loads(train.read_text())))  # one line
     bad = subprocess.run(
-        [*CLI, str(bundle), "--checks", "files,metadata,json_format"], capture_output=True, text=True, timeout=120
+        [*CLI, str(bundle), "--checks", "files,metadata,json_format"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "FAIL  swin_unetr_btcv  metadata" in bad.stdout and "intended_use: missing" in bad.stdout
     assert "FAIL  swin_unetr_btcv  json_format" in bad.stdout and "configs/train.json: line 1 reads" in bad.stdout
     assert bad.stdout.rstrip().endswith("zoo checks: 1 passed, 2 failed")
-    unknown = subprocess.run([*CLI, "--checks", "nope"], capture_output=True, text=True, timeout=120)
+    unknown = subprocess.run([*CLI, "--checks", "nope"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert unknown.returncode == 2 and "unknown checks ['nope']" in unknown.stderr

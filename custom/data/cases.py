@@ -26,7 +26,7 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 
 from custom.data.inputs import case_name, checked_output_dir, dicom_series_problem, list_images
-from custom.utils import one_line_reason
+from custom.utils import one_line_reason, require_bool
 
 __all__ = ["FAILED", "SKIPPED", "CaseFailures", "plan_cases", "CaseDataset", "CaseEvaluator"]
 
@@ -63,8 +63,7 @@ def plan_cases(
         ValueError: ``overwrite`` is not a bool (``--overwrite true`` arrives as a string), or
             ``output_dir`` cannot take the outputs.
     """
-    if not isinstance(overwrite, bool):
-        raise ValueError(f"overwrite must be True or False (a Python literal), got {overwrite!r}")
+    require_bool(overwrite, "overwrite")
     checked_output_dir(output_dir, input_dir)
     items = list_images(input_dir)
     for item in items:
@@ -88,8 +87,7 @@ class CaseDataset(Dataset):
     """
 
     def __init__(self, data: Sequence[dict], transform: Callable | None = None, accept_uneven_slices: bool = False):
-        if not isinstance(accept_uneven_slices, bool):
-            raise ValueError(f"accept_uneven_slices must be True or False, got {accept_uneven_slices!r}")
+        require_bool(accept_uneven_slices, "accept_uneven_slices")
         super().__init__(data, transform)
         self.accept_uneven_slices = accept_uneven_slices
 

@@ -1,13 +1,17 @@
 """Finding the images a bundle segments, naming their outputs, and keeping the outputs away from the inputs.
 
-MONAI's ``load_decathlon_datalist`` covers datalists; inference on "every image in a folder" has no
-MONAI counterpart, hence :func:`list_images`. MONAI's ``ITKReader`` reads a DICOM folder as whatever
+MONAI's ``load_decathlon_datalist`` covers datalists but stops at the first problem and wants one file
+of one layout; :func:`read_datalist` is the one reader of a datalist file for the checks that list every
+problem (``custom.data.preflight``), several files (``custom.data.ssl_corpus``) or an MSD ``dataset.json``
+(``custom.segmentation.msd``). Inference on "every image in a folder" has no MONAI counterpart, hence
+:func:`list_images`. MONAI's ``ITKReader`` reads a DICOM folder as whatever
 series ITK lists first and stacks unevenly spaced slices at their mean spacing without a word, hence
 :func:`dicom_series_problem`, which refuses both before the reader runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -17,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "read_datalist",
     "list_images",
     "is_input",
     "case_name",
@@ -31,6 +36,31 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 #: slice positions may differ from the series' median spacing by this fraction (rounding in the headers)
 SLICE_SPACING_TOLERANCE = 0.01
+
+
+def read_datalist(path: str | os.PathLike, section: str = "training") -> dict:
+    """The JSON object of a decathlon-style datalist file (``dataset_0.json``, an MSD ``dataset.json``).
+
+    Only the file is checked here (present, JSON, an object); its lists are each caller's to check.
+
+    Args:
+        path: the datalist file.
+        section: the list the caller reads from it (named in the message when the file is not an object).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file (``<path>: datalist not found``).
+        ValueError: ``path`` is not valid JSON, or holds something other than an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: datalist not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with a {section!r} list, got {type(data).__name__}")
+    return data
 
 
 def _is_dicom_series(folder: Path) -> bool:

@@ -13,7 +13,6 @@ per case.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.data.cases import SKIPPED
-from custom.data.inputs import dicom_series_problem
+from custom.data.inputs import dicom_series_problem, read_datalist
 from custom.utils import one_line_reason
 
 __all__ = ["DataCheckError", "DataCheck"]
@@ -105,16 +104,10 @@ class DataCheck:
     # -- datalist ---------------------------------------------------------------------------------
     def _read_datalist(self, datalist: str) -> list[tuple[str, dict]]:
         path = Path(datalist)
-        if not path.is_file():
-            self.problems.append(f"{path}: datalist not found")
-            return []
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self.problems.append(f"{path}: not valid JSON ({e})")
-            return []
-        if not isinstance(data, dict):
-            self.problems.append(f"{path}: expected a JSON object with a 'training' list")
+            data = read_datalist(path, "training")
+        except (FileNotFoundError, ValueError) as e:
+            self.problems.append(str(e))
             return []
         cases = []
         for section in self.sections:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from custom.data.inputs import IMAGE_SUFFIXES, read_datalist
 from custom.utils import atomic_write
 
 __all__ = [
@@ -63,7 +64,8 @@ FORMAT_VERSION = 1
 #: stored dtype -> (numpy dtype, scale): stored value = x * scale (rounded for integers), x in 0..1
 DTYPES: dict[str, tuple[type, float]] = {"uint8": (np.uint8, 255.0), "float16": (np.float16, 1.0)}
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npy", ".npz")
+#: the volume files LoadImage reads, and NumPy arrays
+_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".npy", ".npz")
 
 
 class CorpusError(ValueError):
@@ -73,16 +75,7 @@ class CorpusError(ValueError):
 # -- datalists ------------------------------------------------------------------------------------
 def _read_datalist(path: str | os.PathLike, dataset_dir: str | os.PathLike, section: str) -> list[str]:
     """Full image paths of one section of one decathlon-style datalist (empty if the section is absent)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: datalist not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with a {section!r} list, got {type(data).__name__}")
-    items = data.get(section, [])
+    items = read_datalist(path, section).get(section, [])
     if not isinstance(items, list):
         raise ValueError(f"{path}: {section!r} must be a list, got {type(items).__name__}")
     images = []

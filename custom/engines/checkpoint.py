@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from monai.networks.utils import get_state_dict
 
-from custom.utils import atomic_torch_save, atomic_write, is_main_process, remove_stale_temporaries
+from custom.utils import (
+    atomic_torch_save,
+    atomic_write,
+    bare_module,
+    is_main_process,
+    remove_stale_temporaries,
+    require_bool,
+)
 
 from .monitoring import NonFiniteLossError
 
@@ -40,11 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _module(obj: Any) -> Any:
-    """The model inside a DDP/DataParallel wrapper, so checkpoints carry no ``module.`` prefix."""
-    return obj.module if isinstance(obj, torch.nn.Module) and hasattr(obj, "module") else obj
 
 
 class CheckpointError(RuntimeError):
@@ -232,11 +235,8 @@ class TrainingCheckpoint:
         accept_mismatch: bool = False,
         signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
     ) -> None:
-        for name, value in (("resume", resume), ("accept_recipe_mismatch", accept_mismatch)):
-            if not isinstance(value, bool):
-                raise TypeError(
-                    f"{name} must be True or False, got {value!r}: write `--{name} False` on the command line."
-                )
+        require_bool(resume, "resume")
+        require_bool(accept_mismatch, "accept_recipe_mismatch")
         if checkpoint_interval is not None and (
             isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int) or checkpoint_interval < 1
         ):
@@ -360,7 +360,7 @@ class TrainingCheckpoint:
 
     # -- saving -----------------------------------------------------------------------------------
     def state_dict(self, engine: Engine) -> dict[str, Any]:
-        state = {k: _module(v).state_dict() for k, v in self.save_dict.items()}
+        state = {k: get_state_dict(v) for k, v in self.save_dict.items()}
         scaler = getattr(engine, "scaler", None)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
@@ -416,7 +416,7 @@ class TrainingCheckpoint:
         fresh = self._config_values()
         for k, obj in self.save_dict.items():
             if k != "trainer":
-                self._restore(source, k, _module(obj), ckpt[k])
+                self._restore(source, k, bare_module(obj), ckpt[k])
         engine.load_state_dict(saved)
         engine.state.max_epochs = max_epochs
         scaler = getattr(engine, "scaler", None)
@@ -632,7 +632,7 @@ class ModelLoader:
             if isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values()):
                 # from None: PyTorch's message lists every mismatching tensor (678 lines for a feature_size change)
                 raise CheckpointError(
-                    _state_mismatch(self.path, "model", _module(self.network), state, _MODEL_FIX)
+                    _state_mismatch(self.path, "model", bare_module(self.network), state, _MODEL_FIX)
                 ) from None
             raise CheckpointError(f"{self.path}: cannot be loaded into this network ({_one_line(e, 200)}).") from None
 
@@ -672,7 +672,7 @@ class BestModelSaver:
         if engine.state.best_metric_epoch == engine.state.epoch and is_main_process():
             from custom.networks.recipe import with_recipe
 
-            state = _module(self.network).state_dict()
+            state = get_state_dict(self.network)
             payload = state if self.state_transform is None else self.state_transform(state)
             atomic_torch_save(with_recipe(payload, self.recipe), self.path)
             logger.info(

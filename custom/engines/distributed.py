@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from custom.utils import seed_everything
+from custom.utils import require_bool, seed_everything
 
 __all__ = ["start", "finish", "rank_handlers"]
 
@@ -32,10 +32,7 @@ def start(seed: int | None, cudnn_benchmark: bool = False) -> int:
     Raises:
         TypeError: ``cudnn_benchmark`` is not True or False (``--cudnn_benchmark false`` is a string).
     """
-    if not isinstance(cudnn_benchmark, bool):
-        raise TypeError(
-            f"cudnn_benchmark must be True or False, got {cudnn_benchmark!r}: write `--cudnn_benchmark False`."
-        )
+    require_bool(cudnn_benchmark, "cudnn_benchmark")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from monai.networks.nets.swin_unetr import PatchMergingV2, WindowAttention
 
+from custom.utils import require_bool
+
 __all__ = ["LEGACY_MERGING_OFFSETS", "LegacyPatchMerging", "SDPAWindowAttention", "downsample_option", "speed_options"]
 
 #: (d, h, w) start offsets of the eight strided sub-samples, in the pre-1.5 order. The sixth and
@@ -65,11 +67,7 @@ def downsample_option(legacy_merging: bool) -> str | type[LegacyPatchMerging]:
         TypeError: ``legacy_merging`` is not a bool (``--legacy_merging false`` on the command
             line arrives as the string ``"false"``; write ``False``).
     """
-    if not isinstance(legacy_merging, bool):
-        raise TypeError(
-            f"legacy_merging must be True or False, got {legacy_merging!r} ({type(legacy_merging).__name__})."
-        )
-    return LegacyPatchMerging if legacy_merging else "merging"
+    return LegacyPatchMerging if require_bool(legacy_merging, "legacy_merging") else "merging"
 
 
 class SDPAWindowAttention(WindowAttention):
@@ -122,10 +120,8 @@ def speed_options(
         >>> type(net.swinViT.layers1[0].blocks[0].attn).__name__
         'SDPAWindowAttention'
     """
-    for name in ("sdpa_attention", "channels_last"):
-        value = locals()[name]
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    require_bool(sdpa_attention, "sdpa_attention")
+    require_bool(channels_last, "channels_last")
     if sdpa_attention:
         for module in network.modules():
             if type(module) is WindowAttention:

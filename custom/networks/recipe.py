@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from custom.utils import require_bool
+
 __all__ = [
     "RECIPE_KEY",
     "RecipeMismatchError",
@@ -194,11 +196,7 @@ def check_recipe(
         ...
         custom.networks.recipe.RecipeMismatchError: model.pt was trained with feature_size=12, the config says feature_size=48...
     """
-    if not isinstance(accept_mismatch, bool):
-        raise TypeError(
-            f"accept_recipe_mismatch must be True or False, got {accept_mismatch!r}: "
-            "write `--accept_recipe_mismatch True` on the command line."
-        )
+    require_bool(accept_mismatch, "accept_recipe_mismatch")
     if not recipe:
         logger.info(
             f"{path}: no recipe; using the config's values: " + ", ".join(f"{k}={v!r}" for k, v in config.items())

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from custom.utils import require_bool
+
 __all__ = ["OnnxRuntimePredictor", "cpu_predictor"]
 
 logger = logging.getLogger(__name__)
@@ -124,9 +126,7 @@ def cpu_predictor(
         TypeError: ``onnx_runtime`` is not a bool (``--onnx_runtime false`` arrives as a string).
         ValueError: ``onnx_runtime`` with a network on a GPU.
     """
-    if not isinstance(onnx_runtime, bool):
-        raise TypeError(f"onnx_runtime must be True or False, got {onnx_runtime!r} ({type(onnx_runtime).__name__}).")
-    if not onnx_runtime:
+    if not require_bool(onnx_runtime, "onnx_runtime"):
         return network
     device = next(network.parameters()).device
     if device.type != "cpu":

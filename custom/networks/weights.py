@@ -34,9 +34,12 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from monai.networks.utils import copy_model_state
+
+from custom.utils import bare_module, require_bool
 
 __all__ = [
     "ENCODER_PREFIX",
@@ -51,6 +54,8 @@ __all__ = [
     "monai_to_released_key",
     "validate_optional_path",
     "verified_path",
+    "read_large_files",
+    "LARGE_FILES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,10 +134,6 @@ def monai_to_released_key(key: str) -> str | None:
     return _RELEASED_PREFIX + name
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
-
-
 def validate_optional_path(value: object, name: str) -> str | None:
     """Accept None or an existing file path; refuse the strings a shell user means as None.
 
@@ -155,6 +156,34 @@ def validate_optional_path(value: object, name: str) -> str | None:
     return text
 
 
+#: the model zoo's listing of a bundle's downloadable files, at the bundle root
+LARGE_FILES = "large_files.yml"
+
+
+def read_large_files(bundle_root: str | os.PathLike) -> list | None:
+    """The ``large_files:`` entries of ``<bundle_root>/large_files.yml``; None when the bundle has no listing.
+
+    The one reader of the listing: :func:`verified_path` checks files against it, ``ci/zoo_checks.py``
+    checks each entry's fields. An empty file or one without ``large_files:`` lists nothing (``[]``).
+
+    Raises:
+        ValueError: the file is not YAML, or not a mapping whose ``large_files`` is a list.
+    """
+    import yaml
+
+    listing = Path(bundle_root) / LARGE_FILES
+    if not listing.is_file():
+        return None
+    try:
+        data = yaml.safe_load(listing.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{listing}: not valid YAML ({e})") from e
+    entries = (data or {}).get("large_files", []) if isinstance(data, (dict, type(None))) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{listing}: expected a `large_files:` list of {{path, url, hash_val, hash_type}}")
+    return entries
+
+
 def verified_path(path: str, bundle_root: str) -> str:
     """Return ``path`` after checking it against ``<bundle_root>/large_files.yml``, where it is listed there.
 
@@ -164,17 +193,14 @@ def verified_path(path: str, bundle_root: str) -> str:
     or a bundle without the file, pass unchanged.
 
     Raises:
-        ValueError: the file's checksum does not match its entry.
+        ValueError: the file's checksum does not match its entry, or the listing is not readable
+            (:func:`read_large_files`).
     """
-    listing = os.path.join(bundle_root, "large_files.yml")
-    if not os.path.isfile(listing) or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return path
-    import yaml
     from monai.apps.utils import check_hash
 
-    with open(listing) as f:
-        entries = (yaml.safe_load(f) or {}).get("large_files", [])
-    for entry in entries:
+    for entry in read_large_files(bundle_root) or []:
         if os.path.realpath(os.path.join(bundle_root, entry.get("path", ""))) != os.path.realpath(path):
             continue
         hash_type = entry.get("hash_type", "md5")
@@ -247,13 +273,8 @@ def resolve_legacy_merging(
         TypeError: ``legacy_merging`` is neither None nor a bool (``--legacy_merging false`` arrives as a string).
         ValueError: ``legacy_merging`` contradicts the file's order and ``accept_mismatch`` is False.
     """
-    if legacy_merging is not None and not isinstance(legacy_merging, bool):
-        raise TypeError(
-            f"legacy_merging must be None (from the weights), True or False, got {legacy_merging!r} "
-            f"({type(legacy_merging).__name__}): write `--legacy_merging None` or `--legacy_merging True`."
-        )
-    if not isinstance(accept_mismatch, bool):
-        raise TypeError(f"accept_recipe_mismatch must be True or False, got {accept_mismatch!r}.")
+    require_bool(legacy_merging, "legacy_merging", none="from the weights")
+    require_bool(accept_mismatch, "accept_recipe_mismatch")
     path = validate_optional_path(pretrained_path, "pretrained_path")
     if path is None:
         chosen = bool(legacy_merging)
@@ -330,7 +351,7 @@ def load_swinvit_weights(
             f"{path}: expected a state_dict (or {{'state_dict': ...}}), got {type(checkpoint)}."
         )
 
-    model = _unwrap(network)
+    model = bare_module(network)
     dst = model.state_dict()
     encoder_keys = [k for k in dst if k.startswith(ENCODER_PREFIX)]
     if not encoder_keys:

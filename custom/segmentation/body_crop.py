@@ -478,9 +478,7 @@ def body_crop_inferer(inferer: Inferer, enabled: bool = True, **kwargs: Any) -> 
     Raises:
         TypeError: ``enabled`` is not a bool (``--body_crop false`` arrives as the string "false").
     """
-    if not isinstance(enabled, bool):
-        raise TypeError(
-            f"body_crop must be True or False (a Python literal: --body_crop False), got {enabled!r} "
-            f"of type {type(enabled).__name__}"
-        )
+    from custom.utils import require_bool
+
+    require_bool(enabled, "body_crop")
     return BodyCropInferer(inferer, **kwargs) if enabled else inferer

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from custom.data.inputs import read_datalist
 from custom.segmentation.task import BRATS21_AUGMENTATION, MIN_ITERATIONS, TaskRecipe
 
 __all__ = [
@@ -151,9 +152,9 @@ def _read_dataset_json(dataset_dir: Path) -> dict:
     if not path.is_file():
         raise TaskError(f"{path}: not found (point --dataset_dir at an unpacked MSD task folder, e.g. Task09_Spleen)")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TaskError(f"{path}: not valid JSON ({e})") from e
+        meta = read_datalist(path, "training")
+    except ValueError as e:
+        raise TaskError(str(e)) from e
     missing = [k for k in ("modality", "labels", "training") if k not in meta]
     if missing:
         raise TaskError(f"{path}: missing {missing}: every MSD dataset.json declares modality, labels and training")

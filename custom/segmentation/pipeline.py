@@ -517,7 +517,7 @@ def engine_options(amp_dtype: str, channels_last: bool = False) -> dict:
     >>> engine_options("bfloat16")["amp_kwargs"]["dtype"]
     torch.bfloat16
     """
-    if not isinstance(channels_last, bool):
-        raise TypeError(f"channels_last must be True or False, got {channels_last!r}: write `--channels_last False`.")
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    from custom.utils import require_bool
+
+    fmt = torch.channels_last_3d if require_bool(channels_last, "channels_last") else torch.contiguous_format
     return {"amp_kwargs": {"dtype": getattr(torch, amp_dtype)}, "to_kwargs": {"memory_format": fmt}}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import string_list_all_gather
 
+from ..data.inputs import IMAGE_SUFFIXES
 from ..utils import atomic_write, is_main_process
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class EvaluationReport:
     def case_name(item: Mapping[str, Any], key: str) -> str:
         meta = getattr(item[key], "meta", {})
         name = Path(str(meta.get("filename_or_obj", f"case{id(item)}"))).name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        for suffix in IMAGE_SUFFIXES:
             if name.endswith(suffix):
                 return name[: -len(suffix)]
         return name

@@ -1,4 +1,8 @@
-"""Small MSD-shaped task folders for the tests: dataset.json as distributed, 4-D NIfTI for multi-channel tasks."""
+"""Small MSD-shaped task folders: dataset.json as distributed, 4-D NIfTI for multi-channel tasks.
+
+The one builder of MSD task folders for the tests (``tests/``) and for the model zoo's checks
+(``ci/zoo_checks.py``), so that both run the MSD bundle on the same data.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+__all__ = ["OFFICIAL", "make_task"]
 
 #: the ten official tasks as their dataset.json declares them (name, modality, labels)
 OFFICIAL = {
