@@ -436,18 +436,20 @@ def cv_summary(
     nsd_tolerance_mm: float,
     decision_file: str,
     dataset_dir: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """``run cv_summary``: each fold's held-out predictions (``@output_dir/fold_<F>``) against their labels.
 
     Writes ``cv_summary.json``, ``cv_summary.md`` (Dice, HD95 in mm and NSD per class and mean, per fold
     and pooled) and the post-processing decision (``decision_file``); the classes are the task's, without
-    background, or BrainTumour's three regions (:mod:`custom.segmentation.cv_summary`).
+    background, or BrainTumour's three regions (:mod:`custom.segmentation.cv_summary`); ``class_names``
+    (background first) where the task does not name them (BTCV: its metadata).
     """
     from custom.segmentation.cv_summary import cv_summary_from_splits
     from custom.segmentation.msd import BRATS_REGIONS
 
     extra: dict[str, Any] = {}
-    names = list(task.class_names)
+    names = list(task.class_names if class_names is None else class_names)
     if task.region_based:
         extra["classes"] = list(BRATS_REGIONS.values())
     else:
@@ -493,6 +495,7 @@ def evaluation_handlers(
     device: Any,
     output_dir: str,
     ensemble: Any = None,
+    class_names: Sequence[str] | None = None,
 ) -> list:
     """:func:`model_handlers` and the report: ``metrics.json`` by class name and a picture per case.
 

@@ -91,8 +91,12 @@ class TaskRecipe:
 
     @property
     def out_channels(self) -> int:
-        """Network outputs: one per region (sigmoid), or one per class, background first (softmax)."""
-        return len(self.class_names)
+        """Network outputs: one per region (sigmoid), or one per class, background first (softmax).
+
+        From ``class_names`` where the task names them (MSD, from dataset.json), else ``num_labels``
+        (BTCV: its names are in the bundle's metadata, read where they are needed).
+        """
+        return len(self.class_names) if self.class_names else self.num_labels
 
     def __post_init__(self) -> None:
         # a config gives lists (JSON) and an Augmentation as a dict; the recipe keeps tuples, hashable and frozen
