@@ -324,8 +324,9 @@ def evaluation_postprocessing(task: TaskRecipe, preprocessing: Compose, predicti
 
     BrainTumour's regions become its label map first (as inference writes it), and after the inversion
     both prediction and label become the three regions again, which are what BraTS scores.
-    With ``prediction_dir`` (a fold's evaluation, ``@output_dir/fold_<F>``) the label map is also written
-    there as inference names it, for ``run cv_summary``.
+    With ``prediction_dir`` (the evaluation's output folder: ``@output_dir``, or ``@output_dir/fold_<F>``
+    for a fold) the label map scored is also written there as inference names it (``run cv_summary``
+    reads the folds' ones, and HD95 can be computed from it).
     """
     from custom.segmentation.evaluation import CheckSameGridd
 
@@ -504,14 +505,12 @@ def evaluation_handlers(
     """
     from custom.segmentation.report import EvaluationReport
 
-    loader, *logs = model_handlers(model_file, bundle_root, network, device, "evaluate")
+    *loader, stats, bar = model_handlers(model_file, bundle_root, network, device, "evaluate", ensemble)
+    names = list(task.class_names if class_names is None else class_names)
     report = EvaluationReport(
-        output_dir,
-        class_names=list(task.class_names),
-        metric_name="val_mean_dice",
-        include_background=task.region_based,
+        output_dir, class_names=names, metric_name="val_mean_dice", include_background=task.region_based
     )
-    return [loader, report, *logs]
+    return [*loader, report, stats, bar]
 
 
 def engine_options(amp_dtype: str, channels_last: bool = False) -> dict:
