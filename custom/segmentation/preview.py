@@ -47,6 +47,7 @@ CT_WINDOW = (-160.0, 240.0)
 _ALPHA = 0.4
 _BACKGROUND = (24, 24, 24)
 _TEXT = (235, 235, 235)
+_CAPTION = (255, 225, 90)
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -183,6 +184,10 @@ def render_preview(
         window: (low, high) intensity window; default: :data:`CT_WINDOW` for CT, percentiles otherwise.
         width: width of the views' rows in pixels (the legend is added on the right); at least 800.
 
+    Returns:
+        the picture; its ``info`` holds ``panels`` (per row, the ``(left, top, width, height)`` of each view),
+        ``slices`` (the RAS ``(x, y, z)`` cut) and ``dice`` (None without ``label``).
+
     Raises:
         ValueError: grids that differ, or ``width`` under 800.
     """
@@ -216,12 +221,13 @@ def render_preview(
     row_label_w = 26 if label is not None else 0
     legend_w = 40 + int(max([font.getlength(f"{c}  {names[c]}") for c in present] + [font.getlength("legend")]))
     canvas_w = row_label_w + width + legend_w
-    canvas_h = header + len(rows_ras) * (row_h + gap) + 24
+    strip = 22  # caption strip above each row of views: view, slice, and the edges' directions
+    canvas_h = header + len(rows_ras) * (strip + row_h + gap) + 16
     legend_h = 34 + 22 * len(present)
     canvas_h = max(canvas_h, header + legend_h + 8)
     canvas = Image.new("RGB", (canvas_w, canvas_h), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    text = title
+    text, dice = title, None
     if label is not None:
         dice = case_dice(rows_vol[0], rows_vol[1], n_classes)
         text = f"{title}   mean Dice {dice:.3f}" if dice == dice else f"{title}   mean Dice n/a (no structure)"
@@ -231,8 +237,9 @@ def render_preview(
     captions = [f"axial  z {sz + 1}/{shape[2]}", f"coronal  y {sy + 1}/{shape[1]}", f"sagittal  x {sx + 1}/{shape[0]}"]
     info = f"{spacing[0]:.2f} x {spacing[1]:.2f} x {spacing[2]:.2f} mm, window {lohi[0]:g}..{lohi[1]:g}"
     draw.text((10, 32), f"R = patient's right;  A = anterior;  S = superior;  {info}", fill=(170, 170, 170), font=small)
+    boxes: list[list[tuple[int, int, int, int]]] = []
     for r, vol in enumerate(rows_ras):
-        top = header + r * (row_h + gap)
+        top = header + r * (strip + row_h + gap) + strip
         if label is not None:
             name = "prediction" if r == 0 else "label"
             tag = Image.new("RGB", (int(font.getlength(name)) + 4, 20), _BACKGROUND)
@@ -240,20 +247,28 @@ def render_preview(
             tag = tag.rotate(90, expand=True)
             canvas.paste(tag, (3, top + max(0, (row_h - tag.height) // 2)))
         left = row_label_w
+        boxes.append([])
         for i, (g, v, size) in enumerate(zip(gray_views, _views(vol, slices), sizes, strict=True)):
             canvas.paste(_panel(g, v, size, palette, lohi), (left, top))
-            draw.text((left + 6, top + 4), captions[i], fill=(255, 255, 0), font=small)
+            boxes[-1].append((left, top, size[0], size[1]))
+            edge_left, edge_right = (("R", "L"), ("R", "L"), ("A", "P"))[i]
+            caption_w = small.getlength(captions[i])
+            draw.text((left + (size[0] - caption_w) / 2, top - strip + 2), captions[i], fill=_CAPTION, font=small)
+            draw.text((left + 1, top - strip + 2), edge_left, fill=_CAPTION, font=small)
+            draw.text(
+                (left + size[0] - small.getlength(edge_right) - 1, top - strip + 2),
+                edge_right,
+                fill=_CAPTION,
+                font=small,
+            )
             left += size[0] + gap
-        for i, (a, b) in enumerate((("R", "L"), ("R", "L"), ("A", "P"))):
-            x0 = row_label_w + sum(s[0] + gap for s in sizes[:i])
-            draw.text((x0 + 6, top + sizes[i][1] - 22), a, fill=(255, 255, 0), font=small)
-            draw.text((x0 + sizes[i][0] - 16, top + sizes[i][1] - 22), b, fill=(255, 255, 0), font=small)
     lx = row_label_w + width + 12
     draw.text((lx, header), "legend" if present else "no structure found", fill=_TEXT, font=font)
     for j, c in enumerate(present):
         y = header + 28 + 22 * j
         draw.rectangle((lx, y + 2, lx + 16, y + 16), fill=tuple(int(v) for v in palette[c]))
         draw.text((lx + 24, y), f"{c}  {names[c]}", fill=_TEXT, font=font)
+    canvas.info.update({"panels": boxes, "slices": slices, "dice": dice})
     return canvas
 
 
