@@ -23,15 +23,51 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from custom.data.inputs import case_name
 from custom.utils import one_line_reason
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["CaseOutputHandler", "source_of", "check_enabled", "original_image"]
+__all__ = ["CaseOutputHandler", "source_of", "check_enabled", "original_image", "label_volume", "slabs", "as_labels"]
 
 logger = logging.getLogger(__name__)
+
+
+#: voxels per slab when a whole volume is reduced (bounds the int64/float64 temporaries at 8 bytes x this)
+SLAB_VOXELS = 1 << 24
+
+
+def label_volume(pred: Any) -> np.ndarray:
+    """The ``(X, Y, Z)`` label map of ``pred`` as a numpy view, its dtype kept (no whole-volume copy).
+
+    ``(1, X, Y, Z)`` and ``(X, Y, Z)`` are taken as they are; ``(C, X, Y, Z)`` with C > 1 (one-hot or
+    probabilities) is reduced by argmax.
+
+    Raises:
+        ValueError: not 3-D after that.
+    """
+    a = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+    if a.ndim == 4:
+        a = a[0] if a.shape[0] == 1 else a.argmax(0)
+    if a.ndim != 3:
+        raise ValueError(f"a label map must be 3-D (optionally with one channel first), got shape {tuple(a.shape)}")
+    return a
+
+
+def as_labels(a: np.ndarray) -> np.ndarray:
+    """A (small) part of a label map as int64 class indices (float label maps rounded)."""
+    return (np.rint(a) if np.issubdtype(a.dtype, np.floating) else a).astype(np.int64)
+
+
+def slabs(shape: tuple[int, ...], voxels: int = SLAB_VOXELS) -> list[slice]:
+    """Slices along the last axis of a volume of ``shape``, each of at most ``voxels`` voxels (at least one plane)."""
+    plane = int(np.prod(shape[:-1])) or 1
+    step = max(1, voxels // plane)
+    return [slice(z, min(z + step, shape[-1])) for z in range(0, shape[-1], step)]
 
 
 def check_enabled(enabled: Any, name: str) -> bool:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from custom.segmentation.case_outputs import CaseOutputHandler
+from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume
 from custom.segmentation.visualize import label_palette
 from custom.utils import atomic_write, class_names_from_metadata
 
@@ -134,17 +134,6 @@ def read_series(folder: str | os.PathLike) -> list[Any]:
     return datasets
 
 
-def _label_map(label: Any) -> np.ndarray:
-    a = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    if a.ndim == 4:
-        a = a[0] if a.shape[0] == 1 else a.argmax(0)
-    if a.ndim != 3:
-        raise ValueError(f"a label map must be 3-D (optionally with one channel first), got shape {tuple(a.shape)}")
-    if np.issubdtype(a.dtype, np.floating):
-        a = np.rint(a)
-    return a.astype(np.int64, copy=False)
-
-
 def frames_for_series(label: Any, affine: Any, datasets: Sequence[Any], tolerance: float = 0.05) -> np.ndarray:
     """``(len(datasets), Rows, Columns)`` label values: each source instance's pixels looked up in ``label``.
 
@@ -158,7 +147,7 @@ def frames_for_series(label: Any, affine: Any, datasets: Sequence[Any], toleranc
         ValueError: a pixel of an instance is off the label map's voxel centres or outside it (the message
             names the file and the distance).
     """
-    lab = _label_map(label)
+    lab = label_volume(label)  # a view: only the gathered frames are copied
     inverse = np.linalg.inv(np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, float))
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     frames = []
@@ -183,7 +172,7 @@ def frames_for_series(label: Any, affine: Any, datasets: Sequence[Any], toleranc
             )
         if (index < 0).any() or any((index[a] >= lab.shape[a]).any() for a in range(3)):
             raise ValueError(f"{name}: its pixels fall outside the label map {lab.shape}: not this series' grid")
-        frames.append(lab[index[0], index[1], index[2]])
+        frames.append(as_labels(lab[index[0], index[1], index[2]]))
     return np.stack(frames)
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from custom.segmentation.case_outputs import CaseOutputHandler, original_image
+from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs
 from custom.segmentation.visualize import label_palette
 from custom.utils import atomic_write, class_names_from_metadata
 
@@ -54,15 +54,21 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _volume(x: Any, labels: bool) -> np.ndarray:
+def _image_volume(x: Any) -> np.ndarray:
     a = _numpy(x)
-    if a.ndim == 4:
-        a = a.argmax(0) if (labels and a.shape[0] > 1) else a[0]
+    a = a[0] if a.ndim == 4 else a  # the first channel of a multi-channel image
     if a.ndim != 3:
-        raise ValueError(f"expected a 3-D volume (optionally with channels first), got shape {tuple(a.shape)}")
-    if labels:
-        return np.rint(a).astype(np.int64) if np.issubdtype(a.dtype, np.floating) else a.astype(np.int64)
-    return a.astype(np.float32, copy=False)
+        raise ValueError(f"expected a 3-D image (optionally with channels first), got shape {tuple(a.shape)}")
+    return a
+
+
+def _class_counts(volume: np.ndarray, n: int | None = None) -> np.ndarray:
+    """Voxels per class of a label map, slab by slab (no whole-volume integer copy)."""
+    counts = np.zeros(0, np.int64)
+    for part in slabs(volume.shape):
+        c = np.bincount(as_labels(volume[..., part]).reshape(-1), minlength=n or 0)
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts)))) + np.pad(c, (0, max(0, len(counts) - len(c))))
+    return counts
 
 
 def to_ras(volume: np.ndarray, affine: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -101,9 +107,16 @@ def case_dice(pred: Any, label: Any, num_classes: int | None = None) -> float:
     >>> round(case_dice(p, l), 4)
     0.3333
     """
-    p, lab = _volume(pred, True), _volume(label, True)
-    n = int(max(p.max(initial=0), lab.max(initial=0))) + 1 if num_classes is None else num_classes
-    both = np.bincount((p * n + lab).reshape(-1), minlength=n * n).reshape(n, n)
+    p, lab = label_volume(pred), label_volume(label)
+    if p.shape != lab.shape:
+        raise ValueError(f"the prediction's grid {p.shape} differs from the label's {lab.shape}")
+    if num_classes is None:
+        num_classes = int(max(np.rint(p.max(initial=0)), np.rint(lab.max(initial=0)))) + 1
+    n = num_classes
+    both = np.zeros(n * n, np.int64)
+    for part in slabs(p.shape):
+        both += np.bincount((as_labels(p[..., part]) * n + as_labels(lab[..., part])).reshape(-1), minlength=n * n)
+    both = both.reshape(n, n)
     inter = np.diag(both)[1:].astype(float)
     sizes = both.sum(1)[1:] + both.sum(0)[1:]
     present = sizes > 0
@@ -113,7 +126,8 @@ def case_dice(pred: Any, label: Any, num_classes: int | None = None) -> float:
 def _window(image: np.ndarray, window: Sequence[float] | None) -> tuple[float, float]:
     if window is not None:
         return float(window[0]), float(window[1])
-    sample = image.reshape(-1)[:: max(1, image.size // 2_000_000)]
+    step = max(1, round((image.size / 2_000_000) ** (1 / 3)))
+    sample = np.asarray(image[::step, ::step, ::step], np.float32).reshape(-1)  # about 2 M voxels, any layout
     if sample.size and float(sample.min()) < -500:  # Hounsfield units
         return CT_WINDOW
     lo, hi = np.percentile(sample, (0.5, 99.5)) if sample.size else (0.0, 1.0)
@@ -147,7 +161,7 @@ def _panel(gray: np.ndarray, labels: np.ndarray, size: tuple[int, int], palette:
     lo, hi = lohi
     g = np.clip((gray - lo) / (hi - lo), 0.0, 1.0) * 255.0
     g_img = Image.fromarray(g.astype(np.uint8)).resize(size, Image.BILINEAR)
-    lab = np.asarray(Image.fromarray(labels.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+    lab = np.asarray(Image.fromarray(as_labels(labels).astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
     rgb = np.repeat(np.asarray(g_img, np.float64)[..., None], 3, axis=-1)
     mask = lab > 0
     colours = palette[np.clip(lab, 0, len(palette) - 1)].astype(np.float64)
@@ -193,14 +207,15 @@ def render_preview(
     """
     if width < 800:
         raise ValueError(f"width must be at least 800 pixels, got {width}")
-    img = _volume(image, False)
-    rows_vol = [_volume(pred, True)] + ([_volume(label, True)] if label is not None else [])
+    img = _image_volume(image)  # views: only the three slices are copied
+    rows_vol = [label_volume(pred)] + ([label_volume(label)] if label is not None else [])
     for v in rows_vol:
         if v.shape != img.shape:
             raise ValueError(f"the label map's grid {v.shape} differs from the image's {img.shape}")
     img_ras, spacing = to_ras(img, affine)
     rows_ras = [to_ras(v, affine)[0] for v in rows_vol]
-    slices = choose_slices(rows_ras[0] if rows_ras[0].any() or label is None else rows_ras[1])
+    counts = [_class_counts(v) for v in rows_vol]
+    slices = choose_slices(rows_ras[0] if counts[0][1:].any() or label is None else rows_ras[1])
     view_spacing = _view_spacing(spacing)
     gray_views = _views(img_ras, slices)
     mm = [(v.shape[0] * rs, v.shape[1] * cs) for v, (rs, cs) in zip(gray_views, view_spacing, strict=True)]
@@ -209,11 +224,11 @@ def render_preview(
     sizes = [(max(1, round(w * scale)), max(1, round(h * scale))) for h, w in mm]
     row_h = max(h for _, h in sizes)
 
-    n_classes = int(max(v.max(initial=0) for v in rows_vol)) + 1
+    n_classes = max(len(c) for c in counts)
     names = list(class_names) if class_names is not None else []
     names += [f"class {i}" for i in range(len(names), max(n_classes, len(names)))]
     palette = label_palette(max(len(names), n_classes, 2))
-    present = sorted(set(np.unique(np.concatenate([np.unique(v) for v in rows_vol])).tolist()) - {0})
+    present = sorted({int(i) for c in counts for i in np.flatnonzero(c)} - {0})
     lohi = _window(img, window)
 
     font, small, big = _font(16), _font(14), _font(20)

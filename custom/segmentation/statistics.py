@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from custom.segmentation.case_outputs import CaseOutputHandler, original_image
+from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs
 from custom.utils import atomic_write, class_names_from_metadata, is_main_process
 
 if TYPE_CHECKING:
@@ -60,24 +60,10 @@ CSV_COLUMNS = (
     "touches_border",
     "note",
 )
-#: voxels per slab of the accumulation (bounds the float64 temporaries at 8 bytes x this)
-_SLAB_VOXELS = 1 << 24
 
 
 def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _label_map(pred: Any) -> np.ndarray:
-    """``(1, X, Y, Z)`` or ``(X, Y, Z)`` label map, or ``(C, X, Y, Z)`` one-hot/probabilities (argmax) -> int array."""
-    a = _numpy(pred)
-    if a.ndim == 4:
-        a = a[0] if a.shape[0] == 1 else a.argmax(0)
-    if a.ndim != 3:
-        raise ValueError(f"a label map must be 3-D (optionally with one channel first), got shape {tuple(a.shape)}")
-    if np.issubdtype(a.dtype, np.floating):
-        a = np.rint(a)
-    return a.astype(np.int64, copy=False)
 
 
 def label_statistics(
@@ -110,14 +96,14 @@ def label_statistics(
     >>> [(r["name"], r["voxels"], r["volume_ml"], r["mean"], r["touches_border"]) for r in rows]
     [('a', 8, 0.08, 50.0, False), ('b', 1, 0.01, -100.0, True)]
     """
-    lab = _label_map(label)
+    lab = label_volume(label)
     img = None
     if image is not None:
         img = _numpy(image)
         img = img[0] if img.ndim == 4 else img
         if img.shape != lab.shape:
             raise ValueError(f"the image grid {tuple(img.shape)} differs from the label map's {tuple(lab.shape)}")
-    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
+    lo, hi = (int(np.rint(lab.min())), int(np.rint(lab.max()))) if lab.size else (0, 0)
     if num_classes is None:
         num_classes = len(class_names) if class_names is not None else hi + 1
     if lo < 0 or hi >= num_classes:
@@ -130,19 +116,17 @@ def label_statistics(
     counts = np.zeros(num_classes, np.int64)
     sums = np.zeros(num_classes, np.float64)
     squares = np.zeros(num_classes, np.float64)
-    flat = lab.reshape(-1)
-    flat_img = img.reshape(-1) if img is not None else None
-    for start in range(0, flat.size, _SLAB_VOXELS):
-        part = flat[start : start + _SLAB_VOXELS]
-        counts += np.bincount(part, minlength=num_classes)
-        if flat_img is not None:
-            values = flat_img[start : start + _SLAB_VOXELS].astype(np.float64)
-            sums += np.bincount(part, weights=values, minlength=num_classes)
-            squares += np.bincount(part, weights=values * values, minlength=num_classes)
+    for part in slabs(lab.shape):  # one pass, all classes, temporaries bounded by the slab
+        classes = as_labels(lab[..., part]).reshape(-1)
+        counts += np.bincount(classes, minlength=num_classes)
+        if img is not None:
+            values = img[..., part].astype(np.float64).reshape(-1)
+            sums += np.bincount(classes, weights=values, minlength=num_classes)
+            squares += np.bincount(classes, weights=values * values, minlength=num_classes)
     touching: set[int] = set()
     for axis in range(3):
         for index in (0, lab.shape[axis] - 1):
-            touching.update(np.unique(np.take(lab, index, axis=axis)).tolist())
+            touching.update(np.unique(as_labels(np.take(lab, index, axis=axis))).tolist())
 
     rows = []
     for c in range(0 if include_background else 1, num_classes):
