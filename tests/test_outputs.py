@@ -29,7 +29,7 @@ from custom.segmentation import memory_plan
 from custom.segmentation.case_outputs import check_enabled
 from custom.segmentation.dicom_seg import MISSING_HIGHDICOM, CaseDicomSeg, frames_for_series, write_dicom_seg
 from custom.segmentation.preview import case_dice, choose_slices, render_preview
-from custom.segmentation.statistics import BORDER_NOTE, CSV_COLUMNS, CaseStatistics, label_statistics
+from custom.segmentation.statistics import BORDER_NOTE, CSV_COLUMNS, CaseStatistics, label_statistics, statistics_table
 from custom.utils import class_names_from_metadata
 
 NAMES = ["background", "liver", "left kidney", "tumour"]
@@ -114,6 +114,11 @@ def test_statistics_volume_hu_and_border_per_case_and_one_csv(case, tmp_path):
     assert tuple(table[0]) == CSV_COLUMNS
     assert [(r["case"], r["name"]) for r in table] == [(c, n) for c in ("ct1", "ct2") for n in NAMES[1:]]
     assert table[0]["volume_ml"] == "0.48" and table[2]["mean"] == ""
+
+    printed = statistics_table(case["out"] / "ct1_statistics.json").splitlines()  # what the demo prints
+    assert printed[0] == "ct1" and len(printed) == 4  # case, header, the two classes found (tumour has none)
+    assert printed[2].split()[:5] == ["1", "liver", "48", "0.5", f"{inside.mean():.1f}"]
+    assert printed[3].endswith("yes (volume is a lower bound)")
 
 
 def test_statistics_take_a_kept_copy_of_the_input_instead_of_reading_it_again(case):
@@ -339,8 +344,7 @@ def test_inference_command_writes_statistics_preview_and_dicom_seg(tmp_path, sam
     ckpt = tmp_path / "models"
     ckpt.mkdir()
     torch.save(SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict(), ckpt / "model.pt")
-    wiring = tmp_path / "outputs.json"
-    wiring.write_text(json.dumps(WIRING, indent=4))
+    wiring = Path(__file__).with_name("outputs_wiring.json")  # what the coordinator adds to inference.json
     out = tmp_path / "out"
     overrides = {**SMALL, "input_dir": str(folder.parent), "output_dir": str(out), "ckpt_dir": str(ckpt)}
     proc = run_bundle("inference", ["configs/inference.json", str(wiring)], overrides)
@@ -359,42 +363,3 @@ def test_inference_command_writes_statistics_preview_and_dicom_seg(tmp_path, sam
     doc = json.loads((out / "slab_statistics.json").read_text())
     assert [r["voxels"] for r in doc["classes"]] == [int((written == c).sum()) for c in range(1, 14)]
     assert "stitching 14 x" in proc.stderr + proc.stdout
-
-
-#: what the coordinator adds to inference.json (here as an override file over today's config)
-WIRING = {
-    "statistics": True,
-    "preview": True,
-    "dicom_seg": True,
-    "inferer": {
-        "_target_": "custom.segmentation.memory_plan.PlannedSlidingWindowInferer",
-        "roi_size": "@roi_size",
-        "num_classes": "@num_classes",
-        "network_device": "@device",
-        "in_channels": "@network_def#network#in_channels",
-        "sw_batch_size": "@sw_batch_size",
-        "overlap": "@overlap",
-        "mode": "gaussian",
-    },
-    "output_handlers": [
-        {
-            "_target_": "custom.segmentation.statistics.CaseStatistics",
-            "output_dir": "@output_dir",
-            "meta_file": "$@bundle_root + '/configs/metadata.json'",
-            "enabled": "@statistics",
-        },
-        {
-            "_target_": "custom.segmentation.preview.CasePreview",
-            "output_dir": "@output_dir",
-            "meta_file": "$@bundle_root + '/configs/metadata.json'",
-            "enabled": "@preview",
-        },
-        {
-            "_target_": "custom.segmentation.dicom_seg.CaseDicomSeg",
-            "output_dir": "@output_dir",
-            "meta_file": "$@bundle_root + '/configs/metadata.json'",
-            "enabled": "@dicom_seg",
-        },
-    ],
-    "evaluator#val_handlers": "$@handlers + @output_handlers",
-}

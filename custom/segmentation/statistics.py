@@ -42,7 +42,15 @@ from custom.utils import atomic_write, class_names_from_metadata, is_main_proces
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["BORDER_NOTE", "CSV_COLUMNS", "label_statistics", "same_grid", "write_statistics_csv", "CaseStatistics"]
+__all__ = [
+    "BORDER_NOTE",
+    "CSV_COLUMNS",
+    "label_statistics",
+    "same_grid",
+    "write_statistics_csv",
+    "statistics_table",
+    "CaseStatistics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -263,3 +271,43 @@ def write_statistics_csv(path: str | os.PathLike, json_files: Sequence[str | os.
             writer.writerow({"case": doc["case"], **{k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS[1:]}})
     text = buffer.getvalue()
     atomic_write(Path(path), lambda f: f.write(text), mode="w")
+
+
+def statistics_table(doc: Mapping[str, Any] | str | os.PathLike, all_classes: bool = False) -> str:
+    """A ``<case>_statistics.json`` as a plain-text table (what the demo prints): one line per class found.
+
+    Args:
+        doc: the document or its path.
+        all_classes: also list the classes with no voxel.
+
+    >>> print(statistics_table({"case": "ct", "classes": [{"class": 1, "name": "liver", "voxels": 10,
+    ...     "volume_ml": 1.5, "mean": 55.0, "std": 9.5, "touches_border": True, "note": BORDER_NOTE}]}))
+    ct
+    class  name   voxels  volume ml  mean HU  std HU  border
+        1  liver      10        1.5     55.0     9.5  yes (volume is a lower bound)
+    """
+    if not isinstance(doc, Mapping):
+        with open(doc) as f:
+            doc = json.load(f)
+    rows = [r for r in doc["classes"] if all_classes or r["voxels"]]
+    header = ("class", "name", "voxels", "volume ml", "mean HU", "std HU", "border")
+    cells = [
+        (
+            str(r["class"]),
+            str(r["name"]),
+            str(r["voxels"]),
+            f"{r['volume_ml']:.1f}",
+            "" if r["mean"] is None else f"{r['mean']:.1f}",
+            "" if r["std"] is None else f"{r['std']:.1f}",
+            "yes (volume is a lower bound)" if r["touches_border"] else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    left = {1, 6}  # name and border read left-aligned
+
+    def line(values) -> str:
+        parts = [v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([str(doc["case"]), line(header), *(line(c) for c in cells)])
