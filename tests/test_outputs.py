@@ -121,6 +121,23 @@ def test_statistics_volume_hu_and_border_per_case_and_one_csv(case, tmp_path):
     assert printed[3].endswith("yes (volume is a lower bound)")
 
 
+def test_a_rerun_lists_the_skipped_cases_earlier_statistics_in_its_csv(case, tmp_path):
+    from custom.data.cases import SKIPPED
+
+    run_handlers([CaseStatistics(case["out"], class_names=NAMES)], [{"pred": case["pred"]}])
+    second = tmp_path / "in" / "ct2.nii.gz"
+    shutil.copy(case["path"], second)
+    skipped = {
+        "image": [str(case["path"])],
+        SKIPPED: [str(case["out"] / "ct1_seg.nii.gz")],
+    }  # as CaseDataset batches it
+    engine = Engine(lambda e, batch: [] if SKIPPED in batch else [batch])
+    CaseStatistics(case["out"], class_names=NAMES).attach(engine)
+    engine.run([skipped, {"pred": as_pred(case["label"], case["pred"], second)}], max_epochs=1)
+    with open(case["out"] / "statistics.csv") as f:
+        assert sorted({r["case"] for r in csv.DictReader(f)}) == ["ct1", "ct2"]
+
+
 def test_statistics_take_a_kept_copy_of_the_input_instead_of_reading_it_again(case):
     raw = LoadImage(image_only=True, ensure_channel_first=True)(str(case["path"]))
     os.remove(case["path"])  # reading the file again would fail

@@ -177,7 +177,9 @@ class CaseStatistics(CaseOutputHandler):
     prediction onto the input's grid. The JSON holds ``case``, ``input``, ``voxel_volume_ml``,
     ``spacing_mm``, ``intensity`` (what ``mean``/``std`` are) and ``classes`` (the rows of
     :func:`label_statistics`). The CSV (columns :data:`CSV_COLUMNS`) is written at the end of the run
-    from the JSON files of the cases this run processed (every rank's, gathered), by rank 0.
+    from the JSON files of the cases this run processed (every rank's, gathered), by rank 0, and of the
+    cases it skipped because their outputs exist (``overwrite`` false: their earlier JSON is kept and
+    listed), so a second run over a folder with new images gives the whole folder's table.
 
     Args:
         output_dir: where the files go (``@output_dir``).
@@ -238,6 +240,21 @@ class CaseStatistics(CaseOutputHandler):
             "intensity": "mean and std of the input image's values inside each structure, as stored (HU for CT)",
             "classes": rows,
         }
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Each case's JSON; a case skipped because its outputs exist keeps its earlier JSON, listed in the CSV."""
+        super().iteration_completed(engine)
+        from custom.data.cases import SKIPPED
+        from custom.data.inputs import case_name
+
+        batch = engine.state.batch
+        if isinstance(batch, Mapping) and SKIPPED in batch:
+            image = batch.get("image")
+            image = image[0] if isinstance(image, (list, tuple)) and image else image
+            if isinstance(image, (str, os.PathLike)):
+                case = case_name(image)
+                if (self.output_dir / f"{case}_statistics.json").is_file():
+                    self._cases.append(case)
 
     def write_case(self, item: Mapping[str, Any], batch: Mapping[str, Any], case: str, source: str) -> None:
         image = original_image(item, batch, self.raw_key, source)  # type: ignore[arg-type]
