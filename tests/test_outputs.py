@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BTCV, CT_UID, SMALL, run_bundle, write_dicom_series
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from PIL import Image
@@ -136,6 +136,22 @@ def test_a_rerun_lists_the_skipped_cases_earlier_statistics_in_its_csv(case, tmp
     engine.run([skipped, {"pred": as_pred(case["label"], case["pred"], second)}], max_epochs=1)
     with open(case["out"] / "statistics.csv") as f:
         assert sorted({r["case"] for r in csv.DictReader(f)}) == ["ct1", "ct2"]
+
+
+def test_the_input_is_read_once_for_both_handlers_and_released_before_the_next_case(case, monkeypatch):
+    from monai.transforms import LoadImage as Loader
+
+    from custom.segmentation.preview import CasePreview
+
+    reads = []
+    call = Loader.__call__
+    monkeypatch.setattr(Loader, "__call__", lambda self, *a, **k: reads.append(a[0]) or call(self, *a, **k))
+    handlers = [CaseStatistics(case["out"], class_names=NAMES), CasePreview(case["out"], class_names=NAMES)]
+    engine = run_handlers(handlers, [{"pred": case["pred"]}])
+    assert reads == [str(case["path"])] and "image_raw" in engine.state.output[0]
+    engine.fire_event(Events.ITERATION_STARTED)  # the next case starts: the copy is not held while it runs
+    assert "image_raw" not in engine.state.output[0]
+    assert (case["out"] / "ct1_preview.png").is_file() and (case["out"] / "ct1_statistics.json").is_file()
 
 
 def test_statistics_take_a_kept_copy_of_the_input_instead_of_reading_it_again(case):
@@ -380,3 +396,28 @@ def test_inference_command_writes_statistics_preview_and_dicom_seg(tmp_path, sam
     doc = json.loads((out / "slab_statistics.json").read_text())
     assert [r["voxels"] for r in doc["classes"]] == [int((written == c).sum()) for c in range(1, 14)]
     assert "stitching 14 x" in proc.stderr + proc.stdout
+
+
+def test_monai_label_path_runs_the_planned_inferer_and_none_of_the_outputs(tmp_path, sample_dir):
+    """What MONAI Label takes from inference.json (preprocessing, inferer, postprocessing), wired, on its kind of data."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import SwinUNETR
+
+    ckpt, out = tmp_path / "models", tmp_path / "out"
+    ckpt.mkdir()
+    torch.save(SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict(), ckpt / "model.pt")
+    parser = ConfigParser()
+    parser.read_config([str(BTCV / "configs" / "inference.json"), str(Path(__file__).with_name("outputs_wiring.json"))])
+    parser.update(
+        {"bundle_root": str(BTCV), "ckpt_dir": str(ckpt), "output_dir": str(out), "input_dir": str(sample_dir)}
+    )
+    parser.update({k: v for k, v in SMALL.items() if k in parser})
+    image = str(sample_dir / "ct_slab.nii.gz")
+    data = parser.get_parsed_content("preprocessing")({"image": image, "image_path": image})  # MONAI Label's keys
+    inferer, network = parser.get_parsed_content("inferer"), parser.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        data["pred"] = inferer(data["image"][None], network)[0]
+    result = parser.get_parsed_content("postprocessing")(data)
+    assert isinstance(inferer, memory_plan.PlannedSlidingWindowInferer) and inferer.last_plan is not None
+    assert tuple(result["pred"].shape[1:]) == nib.load(image).shape
+    assert sorted(p.name for p in out.iterdir()) == ["ct_slab_seg.nii.gz"]  # SaveImaged only: no handler ran

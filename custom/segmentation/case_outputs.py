@@ -37,6 +37,8 @@ __all__ = ["CaseOutputHandler", "source_of", "check_enabled", "original_image", 
 logger = logging.getLogger(__name__)
 
 
+#: item key naming the key :func:`original_image` loaded into the item (to drop it after the case)
+_LOADED = "_outputs_loaded"
 #: voxels per slab when a whole volume is reduced (bounds the int64/float64 temporaries at 8 bytes x this)
 SLAB_VOXELS = 1 << 24
 
@@ -103,6 +105,7 @@ def original_image(item: dict, batch: Mapping[str, Any], raw_key: str, source: s
 
         raw = LoadImage(image_only=True, ensure_channel_first=True)(str(source))
         item[raw_key] = raw
+        item[_LOADED] = raw_key  # dropped when the next case starts (:meth:`CaseOutputHandler.release`)
     return raw
 
 
@@ -135,6 +138,16 @@ class CaseOutputHandler:
         if not self.enabled:
             return
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        if not engine.has_event_handler(CaseOutputHandler.release, Events.ITERATION_STARTED):
+            engine.add_event_handler(Events.ITERATION_STARTED, CaseOutputHandler.release)
+
+    @staticmethod
+    def release(engine: Engine) -> None:
+        """Drop the inputs :func:`original_image` read for the last case, before the next case's inference."""
+        outputs = engine.state.output
+        for item in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+            if isinstance(item, dict) and _LOADED in item:
+                item.pop(item.pop(_LOADED), None)
 
     def write_case(self, item: Mapping[str, Any], batch: Mapping[str, Any], case: str, source: str) -> None:
         """Write this output for one case. ``item``: the post-processed output; ``batch``: its input item."""
