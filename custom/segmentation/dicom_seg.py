@@ -114,10 +114,10 @@ def read_series(folder: str | os.PathLike) -> list[Any]:
         if not path.is_file():
             continue
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)  # the SEG references the pixels, it needs no copy
         except Exception:  # not a DICOM file
             continue
-        if "PixelData" in ds and "ImagePositionPatient" in ds:
+        if "Rows" in ds and "ImagePositionPatient" in ds:
             datasets.append(ds)
     if not datasets:
         raise ValueError(f"{folder}: no DICOM image with ImagePositionPatient in this folder")
