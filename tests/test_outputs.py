@@ -232,6 +232,20 @@ def test_preview_cuts_through_the_structures_at_physical_aspect_with_a_legend(sa
     assert h_sa / w_sa == pytest.approx(60 / 30, rel=0.03) and w_co == pytest.approx(w_ax, abs=1)
 
 
+def test_preview_is_the_same_picture_whatever_the_storage_orientation(sample_dir):
+    nii = nib.load(sample_dir / "ct_slab.nii.gz")
+    image, labels, affine = np.asarray(nii.dataobj), btcv_labels(sample_dir), nii.affine  # stored RAS
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = image.shape[0] - 1
+    las = affine @ flip  # the same voxels stored right-to-left, axes swapped as well below
+    ras_picture = render_preview(image, labels, affine, BTCV_NAMES, title="slab")
+    stored = np.ascontiguousarray(np.transpose(image[::-1], (1, 0, 2)))
+    stored_labels = np.ascontiguousarray(np.transpose(labels[::-1], (1, 0, 2)))
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    other = render_preview(stored, stored_labels, las @ swap, BTCV_NAMES, title="slab")
+    assert np.array_equal(np.asarray(ras_picture), np.asarray(other))
+
+
 def test_evaluation_preview_has_prediction_and_label_rows_and_the_case_dice(sample_dir):
     labels = btcv_labels(sample_dir)
     pred = labels.copy()
