@@ -246,7 +246,7 @@ def test_preview_is_the_same_picture_whatever_the_storage_orientation(sample_dir
     assert np.array_equal(np.asarray(ras_picture), np.asarray(other))
 
 
-def test_evaluation_preview_has_prediction_and_label_rows_and_the_case_dice(sample_dir):
+def test_evaluation_preview_has_prediction_and_label_rows_and_the_case_dice(sample_dir, tmp_path):
     labels = btcv_labels(sample_dir)
     pred = labels.copy()
     pred[pred == 7] = 0  # the stomach missed
@@ -258,6 +258,15 @@ def test_evaluation_preview_has_prediction_and_label_rows_and_the_case_dice(samp
     present = len(set(np.unique(labels).tolist()) - {0})
     assert both.info["dice"] == pytest.approx((present - 1) / present)  # one class of `present` at 0, others 1
     assert case_dice(pred, labels) == both.info["dice"]
+
+    # as EvaluationReport would call it on a post-processed item (image scaled to 0..1, prediction naming its file)
+    from custom.segmentation.preview import save_evaluation_preview
+
+    loaded = LoadImage(image_only=True, ensure_channel_first=True)(str(sample_dir / "ct_slab.nii.gz"))
+    item = {"image": loaded / 1000.0, "label": as_pred(labels, loaded), "pred": as_pred(pred, loaded)}
+    path = save_evaluation_preview(tmp_path / "slab_preview.png", item, BTCV_NAMES, "slab")
+    written = Image.open(path)
+    assert written.size == both.size and "image_raw" in item  # the CT read again: the HU window, not 0..1
     with pytest.raises(ValueError, match="at least 800"):
         render_preview(image, pred, affine, width=500)
 

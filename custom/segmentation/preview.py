@@ -38,7 +38,16 @@ from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label
 from custom.segmentation.visualize import label_palette
 from custom.utils import atomic_write, class_names_from_metadata
 
-__all__ = ["CT_WINDOW", "to_ras", "choose_slices", "case_dice", "render_preview", "save_preview", "CasePreview"]
+__all__ = [
+    "CT_WINDOW",
+    "to_ras",
+    "choose_slices",
+    "case_dice",
+    "render_preview",
+    "save_preview",
+    "save_evaluation_preview",
+    "CasePreview",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +304,32 @@ def save_preview(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
     data = buffer.getvalue()
     atomic_write(Path(path), lambda f: f.write(data))
     return Path(path)
+
+
+def save_evaluation_preview(
+    path: str | os.PathLike,
+    item: dict,
+    class_names: Sequence[str],
+    case: str,
+    image_key: str = "image",
+    label_key: str = "label",
+    pred_key: str = "pred",
+    raw_key: str = "image_raw",
+) -> Path:
+    """The evaluation picture of one post-processed item: prediction and label rows, the case's mean Dice in the title.
+
+    For ``custom.segmentation.report.EvaluationReport``: ``item`` holds the prediction and the label on the
+    label's grid (after ``Invertd``); the image is the input read again in its original intensities (so CT
+    gets its HU window) when the prediction names its file, else ``item[image_key]`` as it is.
+    """
+    from custom.segmentation.case_outputs import source_of
+
+    pred, label = item[pred_key], item[label_key]
+    source = source_of(pred)
+    image = original_image(item, {}, raw_key, source) if source and os.path.exists(source) else item[image_key]
+    affine = getattr(pred, "affine", None)
+    affine = affine if affine is not None else getattr(label, "affine", np.eye(4))
+    return save_preview(path, image, pred, affine, class_names, title=case, label=label)
 
 
 class CasePreview(CaseOutputHandler):
