@@ -13,7 +13,9 @@ refuses before starting. Hence :func:`plan_stitching` per case, from the resampl
   the ``argmax`` of the post-processing (one float channel);
 - host need: the input as loaded and the label map inverted onto its grid (both ``original voxels x 4``
   bytes; unknown original size: the resampled one) and, when stitching on the CPU, what stitching
-  takes (as above);
+  takes (as above); when the network itself runs on the CPU, also its forward's activations
+  (:data:`ACTIVATION_BYTES_PER_VOXEL` per window voxel, measured) and the process (``runtime_gib``):
+  on this CPU the activations of 4 windows of 96^3 (about 4 GiB) dominate the peak, not the stitching;
 - budgets from :mod:`custom.data.cache_plan` (``device_budget_bytes``: free CUDA memory less
   ``device_reserve_gib`` for the model and its activations; ``host_budget_bytes``: ``MemAvailable``
   less a margin; both overridable by ``SWIN_CACHE_DEVICE_MIB``/``SWIN_CACHE_HOST_MIB``);
@@ -39,11 +41,21 @@ from monai.inferers import SlidingWindowInferer
 
 from custom.data import cache_plan
 
-__all__ = ["MemoryPlanError", "StitchPlan", "plan_stitching", "PlannedSlidingWindowInferer"]
+__all__ = [
+    "ACTIVATION_BYTES_PER_VOXEL",
+    "MemoryPlanError",
+    "StitchPlan",
+    "plan_stitching",
+    "PlannedSlidingWindowInferer",
+]
 
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
+#: host memory of a Swin UNETR forward per window voxel on the CPU (fp32, torch 2.13, MONAI 1.6.1), measured:
+#: feature_size 12, one 96^3 window 1183 MiB above the process, two 2172 MiB (989 MiB more); feature_size 24,
+#: one window 1245 MiB: about 1.2 kB a voxel whatever the feature size (the attention's buffers dominate)
+ACTIVATION_BYTES_PER_VOXEL = 1200
 
 
 class MemoryPlanError(MemoryError):
@@ -83,6 +95,8 @@ def plan_stitching(
     device_reserve_gib: float = 8.0,
     host_margin: float = 0.1,
     name: str = "case",
+    activation_bytes_per_voxel: int = ACTIVATION_BYTES_PER_VOXEL,
+    runtime_gib: float = 0.5,
 ) -> StitchPlan:
     """Decide where to stitch one case (see the module docstring). Pure arithmetic plus the two budgets.
 
@@ -98,6 +112,9 @@ def plan_stitching(
         device_reserve_gib: device memory kept for the model and its activations.
         host_margin: fraction of the available host RAM kept free.
         name: the case, for the messages.
+        activation_bytes_per_voxel: host memory of the network's forward per window voxel, when the network
+            runs on the CPU (:data:`ACTIVATION_BYTES_PER_VOXEL`); on a GPU ``device_reserve_gib`` covers it.
+        runtime_gib: host memory of the process itself (Python, torch, MONAI, the model) on a CPU device.
 
     Raises:
         MemoryPlanError: the stitching fits neither on the device nor in host RAM (sizes and budgets named).
@@ -115,6 +132,7 @@ def plan_stitching(
     # output buffer + count map + padded input copy + the argmax of the post-processing
     stitch = voxels * b * (num_classes + 1 + in_channels + 1)
     window = sw_batch_size * roi * b * (in_channels + num_classes) + roi * b
+    activations = sw_batch_size * roi * int(activation_bytes_per_voxel)  # host only: a device keeps its reserve
     originals = (original_voxels if original_voxels is not None else voxels) * 4 * 2
     dev = torch.device(device)
     size = f"{num_classes} x {'x'.join(str(s) for s in shape)}"
@@ -140,12 +158,16 @@ def plan_stitching(
             f"({_gib(host_budget)} available after a {host_margin:.0%} margin). Not started: free memory, crop the "
             "image to the body (body_crop), or use a coarser pixdim"
         )
-    need = stitch + window + originals
+    need = stitch + window + activations + originals + int(runtime_gib * GIB)
     if need <= host_budget:
-        message = f"{what}: on the CPU ({_gib(need)} with the image and label map, of {_gib(host_budget)} available)"
-        return StitchPlan(dev, stitch, window, need, None, host_budget, message)
+        message = (
+            f"{what}: on the CPU ({_gib(need)} with the network's activations {_gib(activations)}, the image and "
+            f"label map, of {_gib(host_budget)} available)"
+        )
+        return StitchPlan(dev, stitch, window + activations, need, None, host_budget, message)
     raise MemoryPlanError(
-        f"{what}; with the windows, the image and its label map {_gib(need)}, more than the host has "
+        f"{what}; with the network's activations ({_gib(activations)}), the image and its label map "
+        f"{_gib(need)}, more than the host has "
         f"({_gib(host_budget)} available after a {host_margin:.0%} margin). Not started: free memory, crop the "
         "image to the body (body_crop), or use a coarser pixdim"
     )
