@@ -96,13 +96,24 @@ def to_ras(volume: np.ndarray, affine: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choose_slices(label: np.ndarray) -> tuple[int, int, int]:
-    """``(x, y, z)``: per axis, the slice with most foreground voxels (``label > 0``); the middle when there is none."""
+    """``(x, y, z)``: per axis, the slice with most foreground voxels (``label > 0``); the middle when there is none.
+
+    Slices within 2 % of the most are taken as ties, and the one nearest the middle of them is chosen, so a
+    prediction that covers the whole image (an untrained network) is cut through its middle, not its edge.
+
+    >>> choose_slices(np.ones((5, 7, 9), int))
+    (2, 3, 4)
+    """
     fg = label > 0
     out = []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
         counts = fg.sum(others)
-        out.append(int(counts.argmax()) if counts.max() > 0 else label.shape[axis] // 2)
+        if counts.max() == 0:
+            out.append(label.shape[axis] // 2)
+            continue
+        near = np.flatnonzero(counts >= 0.98 * counts.max())
+        out.append(int(near[np.argmin(np.abs(near - (near[0] + near[-1]) / 2))]))
     return out[0], out[1], out[2]
 
 
