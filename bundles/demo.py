@@ -185,6 +185,12 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
         len(metrics["class_dice"]) + 1,
     )
     print(_dice_table(metrics, hd95))
+    stats = work_dir / "segmentations" / "ct_full_statistics.json"
+    if stats.is_file():
+        from custom.segmentation.statistics import statistics_table
+
+        print("\nStatistics of the ct_full segmentation (per organ: volume from the input's voxel spacing, HU inside)")
+        print(statistics_table(json.loads(stats.read_text())))
     print("\nTime per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print("\nOutputs")
     print(f"  dataset (imported labels): {data}")
@@ -194,6 +200,9 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
     print(f"  label map evaluated:       {work_dir / 'outputs' / 'img0001_seg.nii.gz'}")
     print(f"  TensorBoard logs:          {work_dir / 'outputs'}")
     print(f"  segmentation of ct_full:   {work_dir / 'segmentations' / 'ct_full_seg.nii.gz'}")
+    print(
+        f"  its preview and statistics: {work_dir / 'segmentations' / 'ct_full_preview.png'}, ct_full_statistics.json"
+    )
     print(f"  command logs:              {work_dir / 'logs'}")
     return metrics
 

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV, CT_UID, SMALL, run_bundle, write_dicom_series
+from helpers import BTCV, CT_UID, SMALL, run_bundle, write_dicom_series
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import LoadImage

@@ -38,6 +38,7 @@ from custom.segmentation.task import BRATS21_AUGMENTATION, MIN_ITERATIONS, TaskR
 __all__ = [
     "TASK_RECIPES",
     "BRATS_REGIONS",
+    "BRATS_LABELS",
     "TaskError",
     "load_task",
     "msd_datalist",
@@ -55,6 +56,9 @@ BRATS_REGIONS: dict[str, tuple[int, ...]] = {
     "enhancing tumour": (3,),
 }
 
+
+#: what MSD Task01's label values are (its dataset.json ``labels``): the label map inference writes for BrainTumour
+BRATS_LABELS: tuple[str, ...] = ("background", "edema", "non-enhancing tumour", "enhancing tumour")
 
 #: labelled cases per task, MSD's ``numTraining`` (Antonelli et al., Nature Communications 13, 4128, 2022)
 MSD_TRAINING_CASES: dict[str, int] = {

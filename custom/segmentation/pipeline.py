@@ -68,6 +68,7 @@ __all__ = [
     "predictor",
     "cv_summary",
     "model_handlers",
+    "inference_handlers",
     "evaluation_handlers",
     "engine_options",
 ]
@@ -209,20 +210,30 @@ def cache_plan(
     )
 
 
-def sliding_window(task: TaskRecipe, sw_batch_size: int, overlap: float, body_crop: bool = False) -> Any:
-    """MONAI's ``SlidingWindowInferer`` over ``task.roi_size`` (gaussian blending), skipping windows in air on request.
+def sliding_window(
+    task: TaskRecipe, sw_batch_size: int, overlap: float, body_crop: bool = False, device: Any = "cpu"
+) -> Any:
+    """MONAI's sliding window over ``task.roi_size`` (gaussian blending), its memory planned, skipping air on request.
 
-    With ``body_crop`` the windows that lie wholly outside the body are not run and background is written
-    there (:class:`custom.segmentation.body_crop.BodyCropInferer`): the body is what is above the CT
-    window's floor, or the non-zero voxels of a z-scored MRI; the output inside the body's box is the
-    uncropped one. BrainTumour's sigmoid regions get sigmoid background.
+    Each case's stitching is planned before a window runs
+    (:class:`custom.segmentation.memory_plan.PlannedSlidingWindowInferer`): on ``device`` where the
+    output probabilities fit, else on the CPU (logged), else refused with the sizes. With ``body_crop`` the
+    windows that lie wholly outside the body are not run and background is written there
+    (:class:`custom.segmentation.body_crop.BodyCropInferer`): the body is what is above the CT window's
+    floor, or the non-zero voxels of a z-scored MRI; the output inside the body's box is the uncropped
+    one. BrainTumour's sigmoid regions get sigmoid background.
     """
-    from monai.inferers import SlidingWindowInferer
-
     from custom.segmentation.body_crop import body_crop_inferer
+    from custom.segmentation.memory_plan import PlannedSlidingWindowInferer
 
-    window = SlidingWindowInferer(
-        roi_size=list(task.roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian"
+    window = PlannedSlidingWindowInferer(
+        roi_size=list(task.roi_size),
+        num_classes=task.out_channels,
+        network_device=device,
+        in_channels=task.in_channels,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode="gaussian",
     )
     return body_crop_inferer(
         window,
@@ -486,6 +497,40 @@ def model_handlers(
     if ensemble:
         return logs
     return [ModelLoader(verified_path(model_file, bundle_root=bundle_root), network, map_location=device), *logs]
+
+
+def inference_handlers(
+    task: TaskRecipe,
+    model_file: str,
+    bundle_root: str,
+    network: torch.nn.Module,
+    device: Any,
+    output_dir: str,
+    statistics: bool = True,
+    preview: bool = True,
+    dicom_seg: bool = True,
+    ensemble: Any = None,
+    class_names: Sequence[str] | None = None,
+) -> list:
+    """:func:`model_handlers` and the per-case outputs beside each label map (handlers, so MONAI Label never meets them):
+
+    ``<case>_statistics.json`` and one ``statistics.csv`` (volume in ml, voxels, mean and std of the input
+    intensity per class, border flag), ``<case>_preview.png`` (three views through the structures, legend),
+    ``<case>_seg.dcm`` for a DICOM series input (needs highdicom). Class names: ``class_names``, else the
+    task's; BrainTumour's label map holds MSD's label values, named as its dataset.json names them.
+    """
+    from custom.segmentation.dicom_seg import CaseDicomSeg
+    from custom.segmentation.msd import BRATS_LABELS
+    from custom.segmentation.preview import CasePreview
+    from custom.segmentation.statistics import CaseStatistics
+
+    names = list(BRATS_LABELS if task.region_based else (task.class_names if class_names is None else class_names))
+    outputs = [
+        CaseStatistics(output_dir, class_names=names, enabled=statistics),
+        CasePreview(output_dir, class_names=names, enabled=preview),
+        CaseDicomSeg(output_dir, class_names=names, enabled=dicom_seg),
+    ]
+    return model_handlers(model_file, bundle_root, network, device, "segment", ensemble) + outputs
 
 
 def evaluation_handlers(

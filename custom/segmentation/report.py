@@ -106,7 +106,13 @@ class EvaluationReport:
         for item in engine.state.output:
             case = self.case_name(item, image_key)
             self._cases.append(case)
-            if self.save_png:
+            if self.save_png and not self.include_background:
+                # label maps (one class per voxel): the three-view preview, prediction above label, Dice in the title
+                from .preview import save_evaluation_preview
+
+                save_evaluation_preview(self.output_dir / f"{case}.png", item, self.class_names, case)
+            elif self.save_png:
+                # overlapping regions (BrainTumour): one axial strip per region channel
                 save_overlay_png(
                     self.output_dir / f"{case}.png",
                     _ras(item[image_key]),
