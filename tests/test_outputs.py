@@ -395,7 +395,7 @@ def test_planned_inferer_equals_monai_and_refuses_before_any_window(monkeypatch,
 
 # ---------------------------------------------------------------- wired into the real command
 def test_inference_command_writes_statistics_preview_and_dicom_seg(tmp_path, sample_dir, series):
-    """``run inference`` with the handlers and the planned inferer wired by an override file, as the docs say."""
+    """``run inference`` as it stands writes the outputs beside each label map, and plans the stitching."""
     from monai.networks.nets import SwinUNETR
 
     folder, _, _ = series
@@ -403,10 +403,9 @@ def test_inference_command_writes_statistics_preview_and_dicom_seg(tmp_path, sam
     ckpt = tmp_path / "models"
     ckpt.mkdir()
     torch.save(SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict(), ckpt / "model.pt")
-    wiring = Path(__file__).with_name("outputs_wiring.json")  # what the coordinator adds to inference.json
     out = tmp_path / "out"
     overrides = {**SMALL, "input_dir": str(folder.parent), "output_dir": str(out), "ckpt_dir": str(ckpt)}
-    proc = run_bundle("inference", ["configs/inference.json", str(wiring)], overrides)
+    proc = run_bundle("inference", ["configs/inference.json"], overrides)
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "series1_preview.png",
@@ -425,7 +424,7 @@ def test_inference_command_writes_statistics_preview_and_dicom_seg(tmp_path, sam
 
 
 def test_monai_label_path_runs_the_planned_inferer_and_none_of_the_outputs(tmp_path, sample_dir):
-    """What MONAI Label takes from inference.json (preprocessing, inferer, postprocessing), wired, on its kind of data."""
+    """What MONAI Label takes from inference.json (preprocessing, inferer, postprocessing), on its kind of data."""
     from monai.bundle import ConfigParser
     from monai.networks.nets import SwinUNETR
 
@@ -433,7 +432,7 @@ def test_monai_label_path_runs_the_planned_inferer_and_none_of_the_outputs(tmp_p
     ckpt.mkdir()
     torch.save(SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict(), ckpt / "model.pt")
     parser = ConfigParser()
-    parser.read_config([str(BTCV / "configs" / "inference.json"), str(Path(__file__).with_name("outputs_wiring.json"))])
+    parser.read_config(str(BTCV / "configs" / "inference.json"))
     parser.update(
         {"bundle_root": str(BTCV), "ckpt_dir": str(ckpt), "output_dir": str(out), "input_dir": str(sample_dir)}
     )
@@ -444,6 +443,7 @@ def test_monai_label_path_runs_the_planned_inferer_and_none_of_the_outputs(tmp_p
     with torch.no_grad():
         data["pred"] = inferer(data["image"][None], network)[0]
     result = parser.get_parsed_content("postprocessing")(data)
-    assert isinstance(inferer, memory_plan.PlannedSlidingWindowInferer) and inferer.last_plan is not None
+    window = inferer.inferer  # the body crop wraps the planned sliding window
+    assert isinstance(window, memory_plan.PlannedSlidingWindowInferer) and window.last_plan is not None
     assert tuple(result["pred"].shape[1:]) == nib.load(image).shape
     assert sorted(p.name for p in out.iterdir()) == ["ct_slab_seg.nii.gz"]  # SaveImaged only: no handler ran
