@@ -41,7 +41,7 @@ def test_every_torch_load_in_custom_is_weights_only():
     calls = [
         (p.name, line.strip())
         for p in (REPO / "custom").rglob("*.py")
-        for line in p.read_text().splitlines()
+        for line in p.read_text(encoding="utf-8").splitlines()
         if "torch.load(" in line and not line.strip().startswith(("#", ">>>"))
     ]
     assert calls and all("weights_only=True" in line for _, line in calls), calls

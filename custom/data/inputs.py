@@ -55,7 +55,7 @@ def read_datalist(path: str | os.PathLike, section: str = "training") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):

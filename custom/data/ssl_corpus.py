@@ -233,7 +233,7 @@ def _npy_shape(path: Path, dtype: str) -> list[int] | None:
 
 def _read_index(index_file: Path) -> dict[str, Any]:
     try:
-        index = json.loads(index_file.read_text())
+        index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{index_file}: unreadable corpus index ({e})") from e
     if not isinstance(index, dict) or not isinstance(index.get("settings"), dict):

@@ -73,7 +73,7 @@ class RunLock:
     def holder(self) -> dict:
         """What the lock file says about its holder (host, pid, started); empty when unreadable or empty."""
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
 

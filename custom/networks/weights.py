@@ -175,7 +175,7 @@ def read_large_files(bundle_root: str | os.PathLike) -> list | None:
     if not listing.is_file():
         return None
     try:
-        data = yaml.safe_load(listing.read_text())
+        data = yaml.safe_load(listing.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ValueError(f"{listing}: not valid YAML ({e})") from e
     entries = (data or {}).get("large_files", []) if isinstance(data, (dict, type(None))) else None

@@ -200,7 +200,7 @@ def load_or_create_splits(
     path = Path(splits_file)
     if path.exists():
         try:
-            saved = json.loads(path.read_text())
+            saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SplitsError(f"{path}: cannot be read as JSON ({e}); delete it to split again") from None
         return _verify(path, saved, ids, num_folds)
@@ -271,7 +271,7 @@ def decathlon_cases(
     from monai.data import load_decathlon_datalist
 
     try:
-        content = json.loads(Path(datalist).read_text())
+        content = json.loads(Path(datalist).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SplitsError(f"{datalist}: cannot be read as a JSON datalist ({e})") from None
     present = [name for name in pool if name in content]

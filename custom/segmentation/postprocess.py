@@ -185,7 +185,7 @@ def read_decision(path: str | os.PathLike) -> list[int]:
             "first, or set the decision file to None to segment without post-processing"
         )
     try:
-        decision = json.loads(path.read_text())
+        decision = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PostprocessingError(f"{path}: cannot be read as JSON ({e}); run cv_summary again") from None
     labels = decision.get("applied_labels") if isinstance(decision, Mapping) else None

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(recipe.as_dict(), indent=4))
     if args.write_metadata:
         path = Path(args.write_metadata)
-        path.write_text(json.dumps(metadata_for_task(json.loads(path.read_text()), recipe), indent=4) + "\n")
+        path.write_text(
+            json.dumps(metadata_for_task(json.loads(path.read_text(encoding="utf-8")), recipe), indent=4) + "\n"
+        )
         print(f"updated {path} for {recipe.name}: {recipe.in_channels} input, {recipe.out_channels} output channels")
     return 0
 

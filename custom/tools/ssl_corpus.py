@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    volumes = json.loads(index_file.read_text())["volumes"]
+    volumes = json.loads(index_file.read_text(encoding="utf-8"))["volumes"]
     counts: dict[str, int] = {}
     for v in volumes:
         counts[v["section"]] = counts.get(v["section"], 0) + 1
