@@ -201,6 +201,7 @@ def write_dicom_series(
         tags["0008|0060"] = "CT"
         tags["0020|000d"] = "1.2.826.0.1.3680043.2.1125.7"
         tags["0020|000e"] = series_uid
+        tags["0020|0052"] = f"{series_uid}.1"  # FrameOfReferenceUID: every scanner writes one (a DICOM SEG needs it)
         io = itk.GDCMImageIO.New()
         io.KeepOriginalUIDOn()
         itk.imwrite(sl, str(folder / f"{prefix}{i:03d}.dcm"), imageio=io)
