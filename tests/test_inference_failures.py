@@ -17,6 +17,10 @@ from helpers import CT_UID, LOCALIZER_UID, REPO, SMALL, run_bundle, sha256, trun
 
 SLAB = "ct_slab.nii.gz"
 
+#: these tests count the label maps a folder of bad cases leaves; the other outputs (statistics, preview,
+#: DICOM SEG) of each written case are tested in test_outputs.py
+LABEL_MAPS_ONLY = {"statistics": False, "preview": False, "dicom_seg": False}
+
 
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory) -> str:
@@ -61,7 +65,7 @@ def unchanged(root: Path, hashes: dict[str, str]) -> list[str]:
 
 def test_bad_cases_are_named_and_counted_the_good_ones_written(bad_folder, untrained):
     inp, out, hashes = bad_folder
-    args = {**SMALL, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)}
+    args = {**SMALL, **LABEL_MAPS_ONLY, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)}
 
     # preflight (the default) names every bad input, of every format, before any model is built
     proc = run_bundle("inference", ["configs/inference.json"], args, check=False)
@@ -105,7 +109,7 @@ def test_overwrite_and_uneven_slices_only_when_asked(tmp_path, sample_dir, untra
     write_dicom_series(sample_dir / SLAB, inp / "gap", slices=[i for i in range(30) if i != 14])
     out.mkdir()
     (out / "gap_seg.nii.gz").write_bytes(b"an older result")
-    args = {**SMALL, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)}
+    args = {**SMALL, **LABEL_MAPS_ONLY, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)}
     proc = run_bundle(
         "inference", ["configs/inference.json"], {**args, "overwrite": True, "accept_uneven_slices": True}
     )
@@ -146,6 +150,7 @@ def test_msd_bad_case_in_worker_processes_is_named(tmp_path):
         "input_dir": str(task / "imagesTs"),
         "output_dir": str(out),
         "preflight": False,
+        **LABEL_MAPS_ONLY,
     }
     proc = run_bundle("inference", ["configs/inference.json"], args, cwd=REPO / "swin_unetr_msd", check=False)
     text = proc.stdout + proc.stderr
@@ -171,7 +176,7 @@ def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path, sample_dir, unt
     proc = run_bundle(
         "inference",
         ["configs/inference.json"],
-        {**builds_48, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)},
+        {**builds_48, **LABEL_MAPS_ONLY, "ckpt_dir": untrained, "input_dir": str(inp), "output_dir": str(out)},
         check=False,
     )
     text = proc.stdout + proc.stderr
@@ -186,7 +191,7 @@ def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path, sample_dir, unt
     proc = run_bundle(
         "inference",
         ["configs/inference.json"],
-        {**SMALL, "ckpt_dir": str(damaged), "input_dir": str(inp), "output_dir": str(out)},
+        {**SMALL, **LABEL_MAPS_ONLY, "ckpt_dir": str(damaged), "input_dir": str(inp), "output_dir": str(out)},
         check=False,
     )
     text = proc.stdout + proc.stderr
