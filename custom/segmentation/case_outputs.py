@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from custom.data.inputs import case_name
-from custom.utils import one_line_reason
+from custom.utils import class_names_from_metadata, one_line_reason, require_bool
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -73,14 +73,12 @@ def slabs(shape: tuple[int, ...], voxels: int = SLAB_VOXELS) -> list[slice]:
 
 
 def check_enabled(enabled: Any, name: str) -> bool:
-    """``enabled`` as a bool; a string (``--statistics false`` arrives as ``"false"``) is refused.
+    """``enabled`` as a bool (the switch ``name``); a string (``--statistics false``) is refused.
 
     Raises:
-        ValueError: ``enabled`` is not a bool.
+        custom.utils.NotABoolError: (a ValueError) ``enabled`` is not a bool.
     """
-    if not isinstance(enabled, bool):
-        raise ValueError(f"{name} must be True or False (a Python literal: --{name} False), got {enabled!r}")
-    return enabled
+    return bool(require_bool(enabled, name))
 
 
 def source_of(value: Any) -> str | None:
@@ -117,19 +115,31 @@ class CaseOutputHandler:
         enabled: False attaches nothing (the bundle's ``statistics``/``preview``/``dicom_seg`` switch).
         pred_key: the prediction's key in the post-processed items.
         name: what the output is, for log lines (``statistics``).
+        class_names, meta_file: the class names by label value, given, or read from a bundle's metadata.json
+            (one of the two).
 
     Raises:
-        ValueError: ``enabled`` is not a bool.
+        ValueError: ``enabled`` is not a bool; neither or both of ``class_names`` and ``meta_file``.
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike, enabled: bool = True, pred_key: str = "pred", name: str = "output"
+        self,
+        output_dir: str | os.PathLike,
+        enabled: bool = True,
+        pred_key: str = "pred",
+        name: str = "output",
+        class_names: Sequence[str] | None = None,
+        meta_file: str | os.PathLike | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.enabled = check_enabled(enabled, name)
         self.pred_key = pred_key
         self.name = name
         self._warned = False
+        if (class_names is None) == (meta_file is None):
+            raise ValueError(f"{type(self).__name__} needs class_names or meta_file (one of them)")
+        #: the classes by label value, from ``class_names`` or the bundle's ``metadata.json``
+        self.class_names = list(class_names) if class_names is not None else class_names_from_metadata(meta_file)
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine`` (nothing when disabled)."""

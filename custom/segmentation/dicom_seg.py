@@ -39,7 +39,7 @@ import torch
 
 from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume
 from custom.segmentation.visualize import label_palette
-from custom.utils import atomic_write, class_names_from_metadata
+from custom.utils import atomic_write
 
 __all__ = [
     "ANATOMY",
@@ -294,10 +294,7 @@ class CaseDicomSeg(CaseOutputHandler):
         enabled: bool = True,
         pred_key: str = "pred",
     ) -> None:
-        super().__init__(output_dir, enabled=enabled, pred_key=pred_key, name="dicom_seg")
-        if (class_names is None) == (meta_file is None):
-            raise ValueError("CaseDicomSeg needs class_names or meta_file (one of them)")
-        self.class_names = list(class_names) if class_names is not None else class_names_from_metadata(meta_file)
+        super().__init__(output_dir, enabled, pred_key, "dicom_seg", class_names=class_names, meta_file=meta_file)
         self.algorithm_name, self.algorithm_version = "Swin UNETR", "1"
         if meta_file is not None:
             import json

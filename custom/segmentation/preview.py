@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs
 from custom.segmentation.visualize import label_palette
-from custom.utils import atomic_write, class_names_from_metadata
+from custom.utils import atomic_write
 
 __all__ = [
     "CT_WINDOW",
@@ -370,10 +370,7 @@ class CasePreview(CaseOutputHandler):
         raw_key: str = "image_raw",
         width: int = 1200,
     ) -> None:
-        super().__init__(output_dir, enabled=enabled, pred_key=pred_key, name="preview")
-        if (class_names is None) == (meta_file is None):
-            raise ValueError("CasePreview needs class_names or meta_file (one of them)")
-        self.class_names = list(class_names) if class_names is not None else class_names_from_metadata(meta_file)
+        super().__init__(output_dir, enabled, pred_key, "preview", class_names=class_names, meta_file=meta_file)
         self.raw_key = raw_key
         self.width = width
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs
-from custom.utils import atomic_write, class_names_from_metadata, is_main_process
+from custom.utils import atomic_write, is_main_process
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -207,10 +207,7 @@ class CaseStatistics(CaseOutputHandler):
         include_background: bool = False,
         csv_name: str = "statistics.csv",
     ) -> None:
-        super().__init__(output_dir, enabled=enabled, pred_key=pred_key, name="statistics")
-        if (class_names is None) == (meta_file is None):
-            raise ValueError("CaseStatistics needs class_names or meta_file (one of them)")
-        self.class_names = list(class_names) if class_names is not None else class_names_from_metadata(meta_file)
+        super().__init__(output_dir, enabled, pred_key, "statistics", class_names=class_names, meta_file=meta_file)
         self.raw_key = raw_key
         self.include_background = include_background
         self.csv_name = csv_name
