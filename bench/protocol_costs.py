@@ -10,7 +10,7 @@
   UNETR at 64^3) or 8 mirrorings (a tiny convolution network): the factor is the number of forward
   passes; a tiny network's figure says nothing about the real one's cost beyond that.
 
-Run from the repository root: ``python bench/protocol_costs.py [--swin] [--repeats 3]``; writes
+Run from the repository root: ``python -m bench.protocol_costs [--swin] [--repeats 3]``; writes
 ``bench/results/protocol_costs_cpu_<date>_<network>.json`` and prints it.
 """
 
