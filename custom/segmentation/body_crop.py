@@ -18,9 +18,10 @@ input, on its device:
    voxels on the full grid. Body parts closer than a cube apart count as one component (the box can
    only grow: the CT table touching the body stays in), and a speck of noise in the air, or a
    separate table, is dropped. MONAI has ``get_largest_connected_component_mask`` and
-   ``KeepLargestConnectedComponent``, but both need scikit-image (or cuCIM on a GPU), which this
-   project does not install, and move the mask to the host; only the bounding box is needed here,
-   and a coarse grid labels fast on any device (:func:`largest_component`; the whole detection took
+   ``KeepLargestConnectedComponent``, but they label through scikit-image on the host (cuCIM on a
+   GPU, where installed), so the mask leaves the device, and they rank components by node count;
+   only the bounding box is needed here, a coarse grid labels fast on any device in torch, and its
+   components are ranked by the body voxels they hold (:func:`largest_component`; the whole detection took
    about 1 s for a BTCV-sized volume on this project's 2-core CPU, ``bench/body_crop_bench.py``).
 3. **Body box**: the component's bounding box, ``margin`` voxels wider on each side, clipped to the
    image; for a batch, the union of the cases' boxes.
