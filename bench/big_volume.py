@@ -69,7 +69,7 @@ def body_ct(xy: int, z: int, seed: int = 0) -> np.ndarray:
 
 def child(spec_file: str) -> None:
     """One ``run inference`` in this process; writes wall time and peak RSS to the spec's ``result``."""
-    spec = json.loads(Path(spec_file).read_text())
+    spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
     os.chdir(BUNDLE)
     from monai.bundle import run
 
@@ -81,7 +81,7 @@ def child(spec_file: str) -> None:
         error = f"{type(e).__name__}: {e}"[:2000]
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    Path(spec["result"]).write_text(json.dumps({"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "error": error}))
+    Path(spec["result"]).write_text(json.dumps({"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "error": error}), encoding="utf-8")
 
 
 def main() -> None:
@@ -129,7 +129,8 @@ def main() -> None:
                 "preview": False,
                 "dicom_seg": False,
             }
-        )
+        ),
+        encoding="utf-8",
     )
     runs = {}
     for name, configs in (("today", ["configs/inference.json", str(before)]), ("planned", ["configs/inference.json"])):
@@ -146,7 +147,7 @@ def main() -> None:
             "result": str(work / f"{name}.json"),
         }
         spec_file = work / f"{name}_spec.json"
-        spec_file.write_text(json.dumps(spec))
+        spec_file.write_text(json.dumps(spec), encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["PYTHONWARNINGS"] = "ignore"
         t = time.perf_counter()
@@ -160,7 +161,7 @@ def main() -> None:
                 timeout=args.timeout,
             )
             log = proc.stdout + proc.stderr
-            result = json.loads(Path(spec["result"]).read_text()) if Path(spec["result"]).is_file() else {}
+            result = json.loads(Path(spec["result"]).read_text(encoding="utf-8")) if Path(spec["result"]).is_file() else {}
         except subprocess.TimeoutExpired as e:
             log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
             result = {"error": f"timed out after {args.timeout} s"}
@@ -206,7 +207,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=4))
     out = Path(args.out or REPO / "bench" / "results" / f"big_volume_CPU_{date.today().isoformat()}.json")
-    out.write_text(json.dumps(result, indent=4) + "\n")
+    out.write_text(json.dumps(result, indent=4) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 
 

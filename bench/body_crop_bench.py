@@ -334,7 +334,7 @@ def main() -> None:
     print(f"windows counted (this image, then padded with air to wider fields of view): {json.dumps(counted)}")
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
         print(f"written: {args.out}")
     else:
         print(text)

@@ -162,7 +162,7 @@ def make_data(work: Path, sample_dir: Path, copies: int) -> dict:
     nib.save(nib.Nifti1Image(label, img.affine), str(data / "labelsTr" / "ct_full_label.nii.gz"))
     case = {"image": str(ct.resolve()), "label": str(data / "labelsTr" / "ct_full_label.nii.gz")}
     datalist = {"training": [case] * 4, "validation": [case]}
-    (data / "bench_dataset.json").write_text(json.dumps(datalist, indent=4))
+    (data / "bench_dataset.json").write_text(json.dumps(datalist, indent=4), encoding="utf-8")
     prepare_sample_dataset(data, sample_dir)  # the BTCV-layout sample: its slab validates SSL
     infer_in = work / "infer_in"
     infer_in.mkdir()
@@ -176,7 +176,7 @@ def make_data(work: Path, sample_dir: Path, copies: int) -> dict:
         "training": [{"image": f"ssl/ct_full_{i}.nii.gz"} for i in range(4)],
         "validation": [{"image": "imagesTr/img0001.nii.gz"}],
     }
-    (data / "bench_ssl.json").write_text(json.dumps(ssl, indent=4))
+    (data / "bench_ssl.json").write_text(json.dumps(ssl, indent=4), encoding="utf-8")
     return {"data": data, "infer_in": infer_in}
 
 
@@ -249,7 +249,7 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
         except ChildFailed as e:  # keep measuring the other parts
             result[name] = {"error": str(e)[-2000:]}
             print(f"{name} failed:\n{e}", flush=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             return False
         result[name] = _summary(runs, key, higher_is_better)
         return True
@@ -276,7 +276,7 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
             mfu = flop_utilisation(rate, result["device"], size["feature_size"], size["roi_size"][0])
             if mfu is not None:
                 result["train"]["model_flop_utilisation"] = mfu
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if "infer" in parts and "error" not in result.get("train", {}):
         ckpt = work / "infer_models"
         ckpt.mkdir()
@@ -298,7 +298,7 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
             result["infer"]["label_agreement"] = round(
                 agreement(work / "segs_baseline_0" / seg, work / "segs_ours_0" / seg), 5
             )
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if "ssl" in parts:
         alternate(
             "ssl",
@@ -314,7 +314,7 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
             },
             "crops_per_second",
         )
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -420,13 +420,13 @@ def levers_markdown(result: dict, name: str) -> str:
 
 def write_report() -> Path:
     """Rewrite the results part of docs/benchmarks.md (below its ``<!-- results -->`` line)."""
-    intro = DOC.read_text().split("<!-- results -->")[0] if DOC.is_file() else "# Benchmarks\n\n"
+    intro = DOC.read_text(encoding="utf-8").split("<!-- results -->")[0] if DOC.is_file() else "# Benchmarks\n\n"
     body = [
-        markdown(json.loads(f.read_text())) + f"\nRaw figures: `bench/results/{f.name}`.\n"
+        markdown(json.loads(f.read_text(encoding="utf-8"))) + f"\nRaw figures: `bench/results/{f.name}`.\n"
         for f in sorted(RESULTS.glob("compare_*.json"))
     ]
-    body += [levers_markdown(json.loads(f.read_text()), f.name) for f in sorted(RESULTS.glob("levers_*.json"))]
-    DOC.write_text(intro + "<!-- results -->\n\n" + "\n".join(body))
+    body += [levers_markdown(json.loads(f.read_text(encoding="utf-8")), f.name) for f in sorted(RESULTS.glob("levers_*.json"))]
+    DOC.write_text(intro + "<!-- results -->\n\n" + "\n".join(body), encoding="utf-8")
     return DOC
 
 
@@ -460,7 +460,7 @@ def main() -> int:
     out = Path(args.out or RESULTS / f"compare_{tag}_{args.size}_{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = benchmark(args, out)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("\n" + markdown(result))
     print(f"wrote {out}; `python -m bench.compare --report` puts it into {DOC.relative_to(REPO)}")
     return 0

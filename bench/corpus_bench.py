@@ -40,13 +40,13 @@ def run(copies: int, workers: list[int], pixdim: list[float] | None, project: in
         for i in range(copies):
             os.symlink(sample.resolve(), root / "images" / f"ct{i:03d}.nii.gz")
         datalist = root / "datalist.json"
-        datalist.write_text(json.dumps({"training": [f"images/ct{i:03d}.nii.gz" for i in range(copies)]}))
+        datalist.write_text(json.dumps({"training": [f"images/ct{i:03d}.nii.gz" for i in range(copies)]}), encoding="utf-8")
         for n in workers:
             load_before = os.getloadavg()[0]
             start = time.perf_counter()
             index_file = preprocess_corpus(datalist, root, root / f"out_{n}", pixdim=pixdim, workers=n)
             seconds = time.perf_counter() - start
-            index = json.loads(index_file.read_text())
+            index = json.loads(index_file.read_text(encoding="utf-8"))
             rate = copies / seconds
             results.append(
                 {
@@ -85,7 +85,7 @@ def main() -> None:
     result = run(args.copies, args.workers, None if args.native else args.pixdim, args.project, args.sample)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

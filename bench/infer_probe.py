@@ -227,7 +227,7 @@ def main() -> int:
 
     def save():
         if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
     bf16 = torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)

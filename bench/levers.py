@@ -232,7 +232,7 @@ def main() -> int:
 
 def _save(result: dict, out: str) -> None:
     if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

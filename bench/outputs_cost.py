@@ -147,7 +147,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=4))
     out = Path(args.out or REPO / "bench" / "results" / f"outputs_cost_CPU_{date.today().isoformat()}.json")
-    out.write_text(json.dumps(result, indent=4) + "\n")
+    out.write_text(json.dumps(result, indent=4) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 
 

@@ -115,7 +115,7 @@ def main() -> None:
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     target = results / f"protocol_costs_cpu_{out['date'][:10]}_{name}.json"
-    target.write_text(json.dumps(out, indent=4) + "\n")
+    target.write_text(json.dumps(out, indent=4) + "\n", encoding="utf-8")
     print(json.dumps(out, indent=4))
 
 

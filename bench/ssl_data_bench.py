@@ -100,7 +100,7 @@ def drop_from_page_cache(paths: list[str]) -> None:
 # -- memory ---------------------------------------------------------------------------------------
 def _status_kib(pid: int, field: str) -> int:
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -112,7 +112,7 @@ def _status_kib(pid: int, field: str) -> int:
 def _pss_kib(pid: int) -> tuple[int, int]:
     pss = anon = 0
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("Pss:"):
                     pss = int(line.split()[1])
@@ -127,7 +127,7 @@ def _children(pid: int) -> list[int]:
     kids = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="utf-8") as f:
                 kids += [int(k) for k in f.read().split()]
     except OSError:
         pass
@@ -267,7 +267,7 @@ def _run_child(spec: dict) -> dict:
 
 # -- report ---------------------------------------------------------------------------------------
 def _machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
     mem = _status_like("/proc/meminfo", "MemTotal")
     import monai
     import torch
@@ -286,7 +286,7 @@ def _machine() -> dict:
 
 
 def _status_like(path: str, field: str) -> int:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             sub = [str(p) for p in images[:size]]
             datalist = work / f"datalist_{size}.json"
-            datalist.write_text(json.dumps({"training": sub}))
+            datalist.write_text(json.dumps({"training": sub}), encoding="utf-8")
             spec = {
                 "images": sub,
                 "datalist": str(datalist),
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     m = results["machine"]
     print(
         f"\n{results['volume']}; {args.num_samples} crops of {'x'.join(map(str, args.roi))} per volume, "

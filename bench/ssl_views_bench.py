@@ -76,7 +76,7 @@ def main() -> int:
     print(f"| batched on the device (SSLViews) | {result['batched_s_median']} |")
     print(f"| ratio loop / batched | {result['speedup']} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -81,12 +81,12 @@ def bundle_command(run_id: str, config_files: list[str], overrides: dict) -> lis
 def _run_stage(name: str, cmd: list[str], log: Path, cwd: Path = BUNDLE) -> None:
     """Run one bundle command in its bundle folder; logs to ``log``, progress bars to the terminal."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         f.write(f"$ cd {cwd} && " + " ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=None, env=env)
     if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-25:]
+        tail = log.read_text(encoding="utf-8").splitlines()[-25:]
         raise SystemExit(f"\n{name} failed (exit {proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
 
 
@@ -170,10 +170,10 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
             timings[name] = time.monotonic() - start
             bar.update(1)
 
-    metrics = json.loads((work_dir / "outputs" / "metrics.json").read_text())
+    metrics = json.loads((work_dir / "outputs" / "metrics.json").read_text(encoding="utf-8"))
     loaded = [
         line.split(" - ")[-1]
-        for line in (work_dir / "logs" / "fine-tune.log").read_text().splitlines()
+        for line in (work_dir / "logs" / "fine-tune.log").read_text(encoding="utf-8").splitlines()
         if "encoder tensors" in line
     ]
     print(f"\nFine-tuning started from the pre-trained encoder: {loaded[0] if loaded else 'NOT LOADED'}")
@@ -190,7 +190,7 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
         from custom.segmentation.statistics import statistics_table
 
         print("\nStatistics of the ct_full segmentation (per organ: volume from the input's voxel spacing, HU inside)")
-        print(statistics_table(json.loads(stats.read_text())))
+        print(statistics_table(json.loads(stats.read_text(encoding="utf-8"))))
     print("\nTime per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print("\nOutputs")
     print(f"  dataset (imported labels): {data}")

@@ -86,5 +86,5 @@ def make_task(
         "training": training,
         "test": test,
     }
-    (task / "dataset.json").write_text(json.dumps(meta, indent=4))
+    (task / "dataset.json").write_text(json.dumps(meta, indent=4), encoding="utf-8")
     return task

@@ -76,7 +76,7 @@ def package_bundle(
     meta_file = bundle / "configs" / "metadata.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file}: not found: is {bundle} a bundle?")
-    version = json.loads(meta_file.read_text()).get("version")
+    version = json.loads(meta_file.read_text(encoding="utf-8")).get("version")
     if not version:
         raise ValueError(f"{meta_file}: no version")
     if not (bundle / "custom").is_dir():
@@ -99,7 +99,7 @@ def package_bundle(
 def write_index(archives: list[str | os.PathLike], base_url: str, out: str | os.PathLike) -> dict:
     """Write (or extend) ``out`` in the model zoo's model_info.json layout; returns the whole index."""
     path = Path(out)
-    index = json.loads(path.read_text()) if path.is_file() else {}
+    index = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for archive in map(Path, archives):
         key = archive.stem  # <name>_v<version>
         index[key] = {
@@ -107,7 +107,7 @@ def write_index(archives: list[str | os.PathLike], base_url: str, out: str | os.
             "hash_type": "sha256",
             "source": f"{base_url.rstrip('/')}/{archive.name}",
         }
-    path.write_text(json.dumps(dict(sorted(index.items())), indent=4) + "\n")
+    path.write_text(json.dumps(dict(sorted(index.items())), indent=4) + "\n", encoding="utf-8")
     return index
 
 

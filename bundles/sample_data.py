@@ -59,7 +59,7 @@ def prepare_sample_dataset(out_dir: str | os.PathLike, sample_dir: str | os.Path
         "test": ["imagesTs/ct_full.nii.gz"],
     }
     path = out / "dataset_0.json"
-    path.write_text(json.dumps(datalist, indent=4) + "\n")
+    path.write_text(json.dumps(datalist, indent=4) + "\n", encoding="utf-8")
     ssl = {"training": [{"image": "imagesTs/ct_full.nii.gz"}], "validation": [{"image": "imagesTr/img0001.nii.gz"}]}
-    (out / "ssl_dataset.json").write_text(json.dumps(ssl, indent=4) + "\n")
+    (out / "ssl_dataset.json").write_text(json.dumps(ssl, indent=4) + "\n", encoding="utf-8")
     return path

@@ -164,7 +164,7 @@ def build_venv(venv: Path, base_python: str, timeout: float) -> None:
     env = clean_env(SAM2_BUILD_CUDA="0")
     run([py, "-m", "pip", "install", "--quiet", *TORCH_PINS], "installing torch and torchvision", timeout, env=env)
     constraints = venv / "monailabel-constraints.txt"
-    constraints.write_text("\n".join(CONSTRAINTS) + "\n")
+    constraints.write_text("\n".join(CONSTRAINTS) + "\n", encoding="utf-8")
     run(
         [py, "-m", "pip", "install", "--quiet", "-c", constraints, f"monailabel=={MONAILABEL_VERSION}"],
         "installing monailabel",
@@ -178,7 +178,7 @@ def build_venv(venv: Path, base_python: str, timeout: float) -> None:
     versions = json.loads(run([py, "-c", probe], "importing monailabel", 300, env=env).stdout.strip().splitlines()[-1])
     if versions["monailabel"] != MONAILABEL_VERSION:
         raise CheckFailedError(f"the environment holds monailabel {versions['monailabel']}, not {MONAILABEL_VERSION}")
-    stamp.write_text(json.dumps(versions, indent=4) + "\n")
+    stamp.write_text(json.dumps(versions, indent=4) + "\n", encoding="utf-8")
     log(f"environment complete: {versions}")
 
 
@@ -381,7 +381,7 @@ class Server:
 
 def expected_labels() -> dict[str, int]:
     """Organ name -> index from the bundle's metadata (``channel_def`` of the ``pred`` output)."""
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text(encoding="utf-8"))
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     return {name: int(i) for i, name in channel_def.items()}
 

@@ -144,7 +144,7 @@ def _fail_if(problems: Sequence[str]) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ZooCheckError([f"{path}: not found"]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -315,7 +315,7 @@ def check_metadata(
 def json_format_problem(path: str | os.PathLike) -> str | None:
     """None when ``path`` reads ``json.dumps(data, indent=4) + "\\n"``, else where it first differs."""
     p = Path(path)
-    text = p.read_text()
+    text = p.read_text(encoding="utf-8")
     try:
         expected = json.dumps(json.loads(text), indent=4) + "\n"
     except json.JSONDecodeError as e:

@@ -210,7 +210,7 @@ def class_names_from_metadata(meta_file: str | os.PathLike, output: str = "pred"
     Raises:
         ValueError: the channel_def is missing or its keys are not 0..N-1.
     """
-    with open(meta_file) as f:
+    with open(meta_file, encoding="utf-8") as f:
         meta = json.load(f)
     try:
         channel_def = meta["network_data_format"]["outputs"][output]["channel_def"]

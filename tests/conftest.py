@@ -54,7 +54,7 @@ def two_case_dataset(tmp_path_factory, sample_dataset) -> Path:
         os.symlink((sample_dataset / "imagesTr/img0001.nii.gz").resolve(), d / f"imagesTr/img000{i}.nii.gz")
         os.symlink((sample_dataset / "labelsTr/label0001.nii.gz").resolve(), d / f"labelsTr/label000{i}.nii.gz")
         case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
-    (d / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
+    (d / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}), encoding="utf-8")
     return d
 
 

@@ -134,7 +134,7 @@ def test_evaluate_writes_dice_by_organ_and_pictures(trained, tmp_path):
     run_bundle(
         "evaluating", ["configs/train.json", "configs/evaluate.json"], {**trained["overrides"], "output_dir": str(out)}
     )
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert list(metrics["class_dice"]) == ORGANS
     scored = [v for v in metrics["class_dice"].values() if v is not None]
     assert len(scored) >= 12 and all(0.0 <= v <= 1.0 for v in scored)  # 12 organs in the slab, + false positives
@@ -169,14 +169,14 @@ def test_evaluate_reports_the_dice_of_the_written_label_map_on_the_label_grid(tr
     os.symlink(image, data / "imagesTr/img0001.nii.gz")
     nib.save(nib.Nifti1Image(label.astype(np.uint8), original.affine), data / "labelsTr/label0001.nii.gz")
     case = [{"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}]
-    (data / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
+    (data / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}), encoding="utf-8")
     out = tmp_path / "eval"
     run_bundle(
         "evaluating",
         ["configs/train.json", "configs/evaluate.json"],
         {**trained["overrides"], "dataset_dir": str(data), "output_dir": str(out)},
     )
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
     assert seg.shape == label.shape  # the written label map lies on the label's own grid
     expected = {}
@@ -305,6 +305,6 @@ def test_multi_gpu_train_and_evaluate_on_two_cpu_processes(two_case_dataset, tmp
 
     configs = ["configs/train.json", "configs/evaluate.json", "configs/multi_gpu_evaluate.json"]
     run_bundle("evaluating", configs, overrides, python_args=TORCHRUN)
-    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text(encoding="utf-8"))
     assert [c["case"] for c in metrics["cases"]] == ["img0001", "img0002"]  # gathered from both ranks
     assert metrics["cases"][0]["dice"] == metrics["cases"][1]["dice"]  # same volume, same weights

@@ -55,7 +55,7 @@ CONTRACT_INFER_IDS = [
 
 
 def load(name: str, bundle=BTCV) -> dict:
-    return json.loads((bundle / "configs" / name).read_text())
+    return json.loads((bundle / "configs" / name).read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_ssl", "swin_unetr_msd"])

@@ -27,7 +27,7 @@ def folds(tmp_path_factory, sample_dataset) -> dict:
             os.symlink(src.resolve(), data / sub / f"{name}.nii.gz")
         cases.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
     # the published-split lists: with folds, both are pooled and split again
-    (data / "dataset_0.json").write_text(json.dumps({"training": cases[:1], "validation": cases[1:]}))
+    (data / "dataset_0.json").write_text(json.dumps({"training": cases[:1], "validation": cases[1:]}), encoding="utf-8")
     work = tmp_path_factory.mktemp("cv_run")
     paths = {"dataset_dir": str(data), "ckpt_dir": str(work / "models"), "output_dir": str(work / "outputs")}
     train = {
@@ -57,7 +57,7 @@ def test_each_fold_trains_in_its_own_folder_on_a_split_written_once(folds):
             models / f"fold_{fold}" / "checkpoint.pt"
         ).is_file()
     assert not (models / "model.pt").exists()  # no fold writes the un-folded place
-    splits = json.loads((models / "splits_final.json").read_text())
+    splits = json.loads((models / "splits_final.json").read_text(encoding="utf-8"))
     assert splits["num_folds"] == 2 and len(splits["splits"]) == 2
     held_out = [s["val"] for s in splits["splits"]]
     assert sorted(sum(held_out, [])) == ["imagesTr/img0001.nii.gz", "imagesTr/img0002.nii.gz"]
@@ -67,11 +67,11 @@ def test_each_fold_trains_in_its_own_folder_on_a_split_written_once(folds):
 
 def test_each_fold_is_evaluated_on_its_held_out_case_and_the_summary_agrees(folds):
     out = folds["work"] / "outputs"
-    splits = json.loads((folds["work"] / "models" / "splits_final.json").read_text())["splits"]
-    summary = json.loads((out / "cv_summary.json").read_text())
+    splits = json.loads((folds["work"] / "models" / "splits_final.json").read_text(encoding="utf-8"))["splits"]
+    summary = json.loads((out / "cv_summary.json").read_text(encoding="utf-8"))
     assert (out / "cv_summary.md").is_file() and (folds["work"] / "models" / "postprocessing.json").is_file()
     for fold in (0, 1):
-        metrics = json.loads((out / f"fold_{fold}" / "metrics.json").read_text())
+        metrics = json.loads((out / f"fold_{fold}" / "metrics.json").read_text(encoding="utf-8"))
         case = Path(splits[fold]["val"][0]).name.replace(".nii.gz", "")
         assert [c["case"] for c in metrics["cases"]] == [case]  # the fold's held-out case only
         assert (out / f"fold_{fold}" / f"{case}_seg.nii.gz").is_file()

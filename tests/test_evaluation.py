@@ -78,7 +78,7 @@ def test_metrics_json_scores_false_positives_zero_and_absent_null(tmp_path):
     EvaluationReport(str(tmp_path), names, save_png=False).attach(engine)
     engine.run([0, 1], max_epochs=1)
 
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert [c["case"] for c in metrics["cases"]] == ["case1", "case2"]
     assert metrics["class_dice"]["c"] == 0.0 and metrics["class_dice"]["d"] is None
     per_case = np.array([[c["dice"][n] for n in ("a", "b")] for c in metrics["cases"]])
@@ -115,8 +115,8 @@ def test_evaluation_repeats_the_inference_steps(region_based):
     assert written[-1] == "SaveImaged" and post[: len(written) - 1] == written[:-1]
     for bundle in ("swin_unetr_btcv", "swin_unetr_msd"):
         configs = Path(__file__).resolve().parents[1] / bundle / "configs"
-        evaluate_json = json.loads((configs / "evaluate.json").read_text())
-        inference_json = json.loads((configs / "inference.json").read_text())
+        evaluate_json = json.loads((configs / "evaluate.json").read_text(encoding="utf-8"))
+        inference_json = json.loads((configs / "inference.json").read_text(encoding="utf-8"))
         assert evaluate_json["validate#preprocessing"]["transforms"]["stage"] == "evaluate"
         assert inference_json["preprocessing"]["transforms"]["stage"] == "infer"
         assert evaluate_json["validate#postprocessing"]["_target_"].endswith("pipeline.evaluation_postprocessing")

@@ -52,7 +52,7 @@ def bad_folder(tmp_path_factory, sample_dir) -> tuple[Path, Path, dict[str, str]
     write_dicom_series(slab, inp / "two_series", LOCALIZER_UID, range(10), prefix="loc")
     write_dicom_series(slab, inp / "gap", slices=[i for i in range(30) if i != 14])
     (inp / "notes").mkdir()
-    (inp / "notes" / "readme.txt").write_text("not an image")
+    (inp / "notes" / "readme.txt").write_text("not an image", encoding="utf-8")
     out.mkdir()
     (out / "c_seg.nii.gz").write_bytes(b"the user's own segmentation of c")
     hashes = {str(p.relative_to(root)): sha256(p) for p in [*inp.rglob("*"), *out.rglob("*")] if p.is_file()}
@@ -119,13 +119,13 @@ def test_overwrite_and_uneven_slices_only_when_asked(tmp_path, sample_dir, untra
     assert nib.load(out / "gap_seg.nii.gz").shape == (122, 101, 29)  # replaced, as asked
 
     # an output_dir that is a file is refused before anything runs, and the file is kept
-    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "taken").write_text("a file", encoding="utf-8")
     proc = run_bundle(
         "inference", ["configs/inference.json"], {**args, "output_dir": str(tmp_path / "taken/seg")}, check=False
     )
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"{tmp_path / 'taken'} is a file, not a folder" in text
-    assert "Restored all variables" not in text and (tmp_path / "taken").read_text() == "a file"
+    assert "Restored all variables" not in text and (tmp_path / "taken").read_text(encoding="utf-8") == "a file"
 
 
 def test_msd_bad_case_in_worker_processes_is_named(tmp_path):

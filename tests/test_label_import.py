@@ -63,12 +63,12 @@ def test_import_never_overwrites(tmp_path, sample_dir):
 
 def test_mapping_from_json_file_and_errors(tmp_path):
     f = tmp_path / "map.json"
-    f.write_text(json.dumps({"7": 1, "9": 2}))
+    f.write_text(json.dumps({"7": 1, "9": 2}), encoding="utf-8")
     assert load_mapping(str(f)) == {7: 1, 9: 2}
     assert remap_labels(np.array([7, 9, 3]), load_mapping(str(f))).tolist() == [1, 2, 0]
     with pytest.raises(ValueError, match="neither a built-in"):
         load_mapping("no_such_mapping")
-    f.write_text("{not json")
+    f.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_mapping(str(f))
 

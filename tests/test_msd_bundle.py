@@ -57,9 +57,9 @@ def test_task_table_is_consistent_for_all_ten(tmp_path, folder):
 def test_unknown_task_gets_defaults_from_its_data(tmp_path):
     task = make_task(tmp_path, "Task09_Spleen", spacing=2.5, cases=2, tests=0)
     renamed = task.rename(tmp_path / "Task11_Kidney")
-    meta = json.loads((renamed / "dataset.json").read_text())
+    meta = json.loads((renamed / "dataset.json").read_text(encoding="utf-8"))
     meta["name"] = "Kidney"
-    (renamed / "dataset.json").write_text(json.dumps(meta))
+    (renamed / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     recipe = load_task(renamed)
     assert recipe.name == "Kidney" and recipe.pixdim == (2.5, 2.5, 2.5) and recipe.window is not None
     assert recipe.max_iterations == default_max_iterations(2) == 30_000  # the tasks' rule, from its case count
@@ -68,9 +68,9 @@ def test_unknown_task_gets_defaults_from_its_data(tmp_path):
 @pytest.mark.parametrize("drop", ["modality", "labels", "training"])
 def test_dataset_json_without_required_fields_is_named(tmp_path, drop):
     task = make_task(tmp_path, "Task09_Spleen", cases=1, tests=0)
-    meta = json.loads((task / "dataset.json").read_text())
+    meta = json.loads((task / "dataset.json").read_text(encoding="utf-8"))
     del meta[drop]
-    (task / "dataset.json").write_text(json.dumps(meta))
+    (task / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(TaskError, match=rf"dataset.json: missing \[{drop!r}\]"):
         load_task(task)
 
@@ -101,7 +101,7 @@ def test_validation_fold_is_disjoint_and_covers_every_case(tmp_path):
 
 def test_metadata_follows_the_chosen_task(tmp_path):
     recipe = load_task(make_task(tmp_path, "Task05_Prostate", cases=1, tests=0))
-    meta = metadata_for_task(json.loads((MSD / "configs" / "metadata.json").read_text()), recipe)
+    meta = metadata_for_task(json.loads((MSD / "configs" / "metadata.json").read_text(encoding="utf-8")), recipe)
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 2
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "PZ", "2": "TZ"}
 
@@ -150,7 +150,7 @@ def test_train_evaluate_infer(tmp_path, folder):
     assert "val_mean_dice" in train.stdout and (tmp_path / "models" / "model.pt").is_file()
 
     run_bundle("evaluating", ["configs/train.json", "configs/evaluate.json"], args, cwd=MSD)
-    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text(encoding="utf-8"))
     names = list(recipe.class_names) if recipe.region_based else list(recipe.class_names[1:])
     assert list(metrics["class_dice"]) == names
     assert len(metrics["cases"]) == 1  # fold 0 of 3 cases: the first one
@@ -166,7 +166,7 @@ def test_train_evaluate_infer(tmp_path, folder):
     seg, img = nib.load(seg_file), nib.load(next((task / "imagesTs").glob("*.nii.gz")))
     assert seg.shape == img.shape[:3] and np.allclose(seg.affine, img.affine, atol=1e-4)  # the input's own grid
     values = set(np.unique(np.asarray(seg.dataobj)).tolist())
-    assert values <= set(range(len(json.loads((task / "dataset.json").read_text())["labels"])))  # MSD label values
+    assert values <= set(range(len(json.loads((task / "dataset.json").read_text(encoding="utf-8"))["labels"])))  # MSD label values
 
 
 # --- the recipe the bundle trains with: loss, length and schedule, augmentation, label resampling ---
@@ -247,7 +247,7 @@ def test_an_unknown_crop_is_refused_by_name():
 
 
 def test_every_task_has_a_finite_stated_training_length():
-    docs = (MSD / "docs" / "README.md").read_text()
+    docs = (MSD / "docs" / "README.md").read_text(encoding="utf-8")
     for name, recipe in TASK_RECIPES.items():
         assert 0 < recipe.max_iterations < 200_000, name
         assert recipe.max_iterations == default_max_iterations(MSD_TRAINING_CASES[name]), name  # the documented rule
@@ -315,7 +315,7 @@ def test_brain_tumour_evaluation_scores_the_written_label_map_by_region(tmp_path
         {**args, "output_dir": str(tmp_path / "e")},
         cwd=MSD,
     )
-    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text(encoding="utf-8"))
 
     [item] = msd_datalist(task, "validation", num_folds=5, fold=0)  # the bundle's default folds
     (tmp_path / "in").mkdir()

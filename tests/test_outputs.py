@@ -95,7 +95,7 @@ def test_statistics_volume_hu_and_border_per_case_and_one_csv(case, tmp_path):
     handler = CaseStatistics(case["out"], class_names=NAMES)
     run_handlers([handler], [{"pred": case["pred"]}, {"pred": pred2}])
 
-    doc = json.loads((case["out"] / "ct1_statistics.json").read_text())
+    doc = json.loads((case["out"] / "ct1_statistics.json").read_text(encoding="utf-8"))
     rows = {r["name"]: r for r in doc["classes"]}
     assert list(rows) == NAMES[1:]  # every class, background left out
     liver, kidney, tumour = rows["liver"], rows["left kidney"], rows["tumour"]
@@ -109,7 +109,7 @@ def test_statistics_volume_hu_and_border_per_case_and_one_csv(case, tmp_path):
     assert tumour["voxels"] == 0 and tumour["mean"] is None and tumour["touches_border"] is False
     assert doc["spacing_mm"] == [2.0, 2.0, 2.5] and doc["voxel_volume_ml"] == pytest.approx(0.01)
 
-    with open(case["out"] / "statistics.csv") as f:
+    with open(case["out"] / "statistics.csv", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == CSV_COLUMNS
     assert [(r["case"], r["name"]) for r in table] == [(c, n) for c in ("ct1", "ct2") for n in NAMES[1:]]
@@ -134,7 +134,7 @@ def test_a_rerun_lists_the_skipped_cases_earlier_statistics_in_its_csv(case, tmp
     engine = Engine(lambda e, batch: [] if SKIPPED in batch else [batch])
     CaseStatistics(case["out"], class_names=NAMES).attach(engine)
     engine.run([skipped, {"pred": as_pred(case["label"], case["pred"], second)}], max_epochs=1)
-    with open(case["out"] / "statistics.csv") as f:
+    with open(case["out"] / "statistics.csv", encoding="utf-8") as f:
         assert sorted({r["case"] for r in csv.DictReader(f)}) == ["ct1", "ct2"]
 
 
@@ -158,7 +158,7 @@ def test_statistics_take_a_kept_copy_of_the_input_instead_of_reading_it_again(ca
     raw = LoadImage(image_only=True, ensure_channel_first=True)(str(case["path"]))
     os.remove(case["path"])  # reading the file again would fail
     run_handlers([CaseStatistics(case["out"], class_names=NAMES)], [{"pred": case["pred"], "image_raw": raw}])
-    doc = json.loads((case["out"] / "ct1_statistics.json").read_text())
+    doc = json.loads((case["out"] / "ct1_statistics.json").read_text(encoding="utf-8"))
     assert doc["classes"][0]["voxels"] == 48
 
 
@@ -418,7 +418,7 @@ def test_inference_command_writes_statistics_preview_and_dicom_seg(tmp_path, sam
         "statistics.csv",
     ], proc.stderr[-3000:]
     written = np.asarray(nib.load(out / "slab_seg.nii.gz").dataobj)
-    doc = json.loads((out / "slab_statistics.json").read_text())
+    doc = json.loads((out / "slab_statistics.json").read_text(encoding="utf-8"))
     assert [r["voxels"] for r in doc["classes"]] == [int((written == c).sum()) for c in range(1, 14)]
     assert "stitching 14 x" in proc.stderr + proc.stdout
 

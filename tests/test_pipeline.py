@@ -141,7 +141,7 @@ def test_training_handlers_attach_in_order_and_skip_the_logs_on_other_ranks(monk
 @pytest.mark.parametrize("bundle", ["swin_unetr_btcv", "swin_unetr_msd", "swin_unetr_ssl"])
 def test_multi_gpu_configs_select_nothing_by_list_position(bundle):
     for path in (REPO / bundle / "configs").glob("multi_gpu_*.json"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert "[:" not in text and "[-" not in text, path  # e.g. the old "@train#handlers[: -3 ...]"
         assert "custom.engines.distributed.start" in text, path
 
@@ -149,7 +149,7 @@ def test_multi_gpu_configs_select_nothing_by_list_position(bundle):
 def test_braintumour_regions_are_a_variant_of_the_task_not_threaded_through_the_configs():
     """Sigmoid outputs, region labels and the region metric are decided by the pipeline from ``task``."""
     for path in MSD.glob("configs/*.json"):
-        for key, value in _leaves(json.loads(path.read_text())):
+        for key, value in _leaves(json.loads(path.read_text(encoding="utf-8"))):
             if isinstance(value, str) and "@region_based" in value:
                 assert value == "@region_based" and key.endswith("region_based"), (path.name, key, value)
 

@@ -294,7 +294,7 @@ def test_under_torchrun_every_rank_stops_at_the_same_iteration_and_rank_0_writes
             (data / kind).mkdir(parents=True, exist_ok=True)
             os.symlink((sample_dataset / kind / f"{name}0001.nii.gz").resolve(), data / kind / f"{name}000{i}.nii.gz")
         case.append({"image": f"imagesTr/img000{i}.nii.gz", "label": f"labelsTr/label000{i}.nii.gz"})
-    (data / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}))
+    (data / "dataset_0.json").write_text(json.dumps({"training": case, "validation": case}), encoding="utf-8")
     args = _overrides(tmp_path, data, max_epochs=2)
     configs = ("configs/train.json", "configs/multi_gpu_train.json")
     code, out = _signal_after_an_iteration(args, after="Iter: 1/3", configs=configs, python_args=TORCHRUN)

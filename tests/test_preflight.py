@@ -68,7 +68,7 @@ def broken_dataset(tmp_path) -> tuple[Path, dict[str, str]]:
     expect["image file not found"] = "imagesTr/missing.nii.gz"
     cases.append({"image": "../outside.nii.gz", "label": "labelsTr/good.nii.gz"})
     expect["leaves dataset_dir"] = "../outside.nii.gz"
-    (d / "dataset_0.json").write_text(json.dumps({"training": cases, "validation": cases[:1]}))
+    (d / "dataset_0.json").write_text(json.dumps({"training": cases, "validation": cases[:1]}), encoding="utf-8")
     return d, expect
 
 
@@ -95,7 +95,7 @@ def test_check_data_command_lists_every_problem_and_writes_nothing(broken_datase
 def check(tmp_path, datalist_text: str | None) -> DataCheck:
     path = tmp_path / "dataset_0.json"
     if datalist_text is not None:
-        path.write_text(datalist_text)
+        path.write_text(datalist_text, encoding="utf-8")
     return DataCheck(datalist=str(path), dataset_dir=str(tmp_path), num_classes=14)
 
 

@@ -60,7 +60,7 @@ def test_folds_are_disjoint_covering_and_written_once(tmp_path):
     for v, t in zip(vals, trains, strict=True):
         assert {c["image"] for c in t} == images - {c["image"] for c in v}
     assert [len(v) for v in vals] == [3, 2, 2, 2, 2]
-    saved = json.loads(splits.read_text())
+    saved = json.loads(splits.read_text(encoding="utf-8"))
     assert saved["num_folds"] == 5 and saved["cases"] == 11 and len(saved["fingerprint"]) == 64
     assert saved["splits"][0]["val"] == [
         "imagesTr/img0001.nii.gz",
@@ -78,13 +78,13 @@ def test_a_hand_edited_split_is_honoured(tmp_path):
     cases, splits = _cases(tmp_path, 4), tmp_path / "splits_final.json"
     ids = [case_id(c, tmp_path) for c in cases]
     custom = [{"train": ids[2:], "val": ids[:2]}, {"train": ids[:2], "val": ids[2:]}]
-    splits.write_text(json.dumps({"splits": custom}))
+    splits.write_text(json.dumps({"splits": custom}), encoding="utf-8")
     assert [c["image"] for c in fold_datalist(cases, splits, 2, 0, "validation", tmp_path)] == [
         cases[0]["image"],
         cases[1]["image"],
     ]
     custom[1]["val"] = ids[3:]  # case 3 held out nowhere
-    splits.write_text(json.dumps({"splits": custom}))
+    splits.write_text(json.dumps({"splits": custom}), encoding="utf-8")
     with pytest.raises(SplitsError, match="exactly once"):
         fold_datalist(cases, splits, 2, 0, "validation", tmp_path)
 
@@ -92,7 +92,7 @@ def test_a_hand_edited_split_is_honoured(tmp_path):
 def test_a_changed_datalist_is_refused_by_name(tmp_path):
     cases, splits = _cases(tmp_path, 6), tmp_path / "splits_final.json"
     fold_datalist(cases, splits, 3, 0, "training", tmp_path)
-    before = splits.read_text()
+    before = splits.read_text(encoding="utf-8")
     added = cases + _cases(tmp_path, 7)[6:]
     with pytest.raises(SplitsError) as e:
         fold_datalist(added, splits, 3, 0, "training", tmp_path)
@@ -103,7 +103,7 @@ def test_a_changed_datalist_is_refused_by_name(tmp_path):
         fold_datalist(cases[:2] + cases[3:], splits, 3, 0, "training", tmp_path)
     with pytest.raises(SplitsError, match="holds 3 folds but num_folds is 5"):
         fold_datalist(cases, splits, 5, 0, "training", tmp_path)
-    assert splits.read_text() == before  # nothing re-split, nothing overwritten
+    assert splits.read_text(encoding="utf-8") == before  # nothing re-split, nothing overwritten
 
 
 _RANK_SCRIPT = """
@@ -144,19 +144,19 @@ def test_decathlon_fold_datalist_keeps_the_published_split_without_a_fold(tmp_pa
 
     items = [{"image": f"imagesTr/img{i}.nii.gz", "label": f"labelsTr/label{i}.nii.gz"} for i in range(5)]
     datalist = tmp_path / "dataset_0.json"
-    datalist.write_text(json.dumps({"training": items[:3], "validation": items[3:]}))
+    datalist.write_text(json.dumps({"training": items[:3], "validation": items[3:]}), encoding="utf-8")
     assert decathlon_fold_datalist(datalist, tmp_path, "validation") == load_decathlon_datalist(
         str(datalist), True, "validation", base_dir=str(tmp_path)
     )
     splits = tmp_path / "models" / "splits_final.json"
     val = decathlon_fold_datalist(datalist, tmp_path, "validation", 5, 4, splits)
     assert [case_id(c, tmp_path) for c in val] == ["imagesTr/img4.nii.gz"]  # pooled: the validation cases too
-    assert json.loads(splits.read_text())["cases"] == 5
+    assert json.loads(splits.read_text(encoding="utf-8"))["cases"] == 5
     with pytest.raises(SplitsError, match="splits_file"):
         decathlon_fold_datalist(datalist, tmp_path, "training", 5, 0, None)
-    datalist.write_text(json.dumps({"training": items, "validation": items[:1]}))  # one case in both sections
+    datalist.write_text(json.dumps({"training": items, "validation": items[:1]}), encoding="utf-8")  # one case in both sections
     assert len(decathlon_cases(datalist, tmp_path)) == 5
-    datalist.write_text(json.dumps({"training": items, "validation": [{**items[0], "label": "other.nii.gz"}]}))
+    datalist.write_text(json.dumps({"training": items, "validation": [{**items[0], "label": "other.nii.gz"}]}), encoding="utf-8")
     with pytest.raises(SplitsError, match="img0.nii.gz is listed twice with different entries"):
         decathlon_cases(datalist, tmp_path)
 
@@ -439,14 +439,14 @@ def test_cv_summary_writes_the_tables_and_the_decision(tmp_path):
         folds[fold] = pairs
     out = tmp_path / "eval"
     s = cv_summary(folds, out, ["a", "b", "c"], [2.0, 2.0, 1.0])
-    saved = json.loads((out / "cv_summary.json").read_text())
+    saved = json.loads((out / "cv_summary.json").read_text(encoding="utf-8"))
     assert saved["pooled"]["cases"] == 4 and set(saved["folds"]) == {"0", "1"} and len(saved["cases"]) == 4
     assert saved["pooled"]["dice"]["c"] == {"mean": 1.0, "std": 0.0, "n": 4}
     assert saved["pooled"]["hd95"]["c"]["mean"] == 0.0 and saved["nsd_tolerance_mm"] == [2.0, 2.0, 1.0]
     assert saved["pooled"]["dice"]["a"]["mean"] < 1.0 and s["postprocessing"]["applied_labels"] == [1]
-    decision = json.loads((out / "postprocessing.json").read_text())
+    decision = json.loads((out / "postprocessing.json").read_text(encoding="utf-8"))
     assert decision["applied_labels"] == [1] and decision["cases"] == 4
-    md = (out / "cv_summary.md").read_text()
+    md = (out / "cv_summary.md").read_text(encoding="utf-8")
     assert "| a |" in md and "## Fold 0 (2 cases)" in md and "largest connected component kept for a (" in md
     # a prediction not on its label's grid is refused, naming both files
     bad = _write(tmp_path / "bad_seg.nii.gz", label, spacing=(1.0, 1.0, 1.0))

@@ -20,7 +20,7 @@ from bundles.package import download_bundle, package_bundle, sha256, write_index
 def test_archive_is_reproducible_and_self_contained(tmp_path):
     a = package_bundle(BTCV, tmp_path / "a")
     b = package_bundle(BTCV, tmp_path / "b")
-    version = json.loads((BTCV / "configs" / "metadata.json").read_text())["version"]
+    version = json.loads((BTCV / "configs" / "metadata.json").read_text(encoding="utf-8"))["version"]
     assert a.name == f"swin_unetr_btcv_v{version}.zip" and a.read_bytes() == b.read_bytes()
     with zipfile.ZipFile(a) as zf:
         names = zf.namelist()
@@ -45,7 +45,7 @@ def test_archive_is_reproducible_and_self_contained(tmp_path):
 def test_index_and_download_refuse_a_mismatching_archive(tmp_path):
     archive = package_bundle(BTCV, tmp_path / "dist")
     index = write_index([archive], (tmp_path / "dist").as_uri(), tmp_path / "dist" / "model_info.json")
-    version = json.loads((BTCV / "configs" / "metadata.json").read_text())["version"]
+    version = json.loads((BTCV / "configs" / "metadata.json").read_text(encoding="utf-8"))["version"]
     assert index[f"swin_unetr_btcv_v{version}"]["checksum"] == sha256(archive)
     got = download_bundle("swin_unetr_btcv", str(tmp_path / "dist" / "model_info.json"), tmp_path / "ok")
     assert (got / "configs" / "inference.json").is_file() and (got / "custom" / "networks" / "weights.py").is_file()

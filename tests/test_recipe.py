@@ -35,7 +35,7 @@ def test_model_and_checkpoint_carry_the_recipe(trained):
     model = torch.load(ckpt / "model.pt", weights_only=True)
     assert set(model) == {"model", "recipe"}
     recipe = model["recipe"]
-    meta = json.loads((BTCV / "configs" / "metadata.json").read_text())
+    meta = json.loads((BTCV / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert recipe["bundle"] == meta["name"] and recipe["version"] == meta["version"]
     assert recipe["feature_size"] == 12 and recipe["roi_size"] == [64, 64, 64] and recipe["pixdim"] == [3.0, 3.0, 3.0]
     assert recipe["intensity_range"] == [-175, 250] and recipe["in_channels"] == 1 and recipe["num_classes"] == 14
@@ -133,10 +133,10 @@ def test_msd_model_deploys_from_the_bundle_and_its_weights_alone(tmp_path):
     [seg] = out.glob("*_seg.nii.gz")
     assert nib.load(seg).shape == (48, 48, 16)
 
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     meta["network_data_format"]["inputs"]["image"].update(num_channels=2, spatial_shape=[64, 64, 32])
     meta["network_data_format"]["outputs"]["pred"].update(
         num_channels=3, spatial_shape=[64, 64, 32], channel_def={"0": "background", "1": "PZ", "2": "TZ"}
     )
-    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n", encoding="utf-8")
     assert "3" in check_net_in_out(bundle)  # 2 input channels, 3 classes: from model.pt, no --dataset_dir

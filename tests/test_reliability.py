@@ -103,10 +103,11 @@ def test_checksum_in_large_files_yml_is_enforced(tmp_path):
 
     good = hashlib.sha256(weights.read_bytes()).hexdigest()
     (tmp_path / "large_files.yml").write_text(
-        f'large_files:\n  - path: "models/model.pt"\n    url: "file:///nowhere"\n    hash_val: {good!r}\n    hash_type: "sha256"\n'
+        f'large_files:\n  - path: "models/model.pt"\n    url: "file:///nowhere"\n    hash_val: {good!r}\n    hash_type: "sha256"\n',
+        encoding="utf-8",
     )
     assert verified_path(str(weights), str(tmp_path)) == str(weights)
-    (tmp_path / "large_files.yml").write_text((tmp_path / "large_files.yml").read_text().replace(good, "0" * 64))
+    (tmp_path / "large_files.yml").write_text((tmp_path / "large_files.yml").read_text(encoding="utf-8").replace(good, "0" * 64), encoding="utf-8")
     with pytest.raises(ValueError, match=r"model.pt: sha256 .* does not match large_files.yml"):
         verified_path(str(weights), str(tmp_path))
 
@@ -183,10 +184,10 @@ def test_msd_task_folder_problems_are_named_before_training(tmp_path):
     from bundles.msd_tasks import make_task
 
     task = make_task(tmp_path, "Task09_Spleen", cases=2, tests=0)
-    meta = json.loads((task / "dataset.json").read_text())
+    meta = json.loads((task / "dataset.json").read_text(encoding="utf-8"))
     meta["name"] = "Kidney"
     del meta["modality"]
-    (task / "dataset.json").write_text(json.dumps(meta))
+    (task / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     renamed = task.rename(tmp_path / "Task11_Kidney")
     proc = run_bundle(
         "check_data", ["configs/train.json"], {"dataset_dir": str(renamed)}, cwd=REPO / "swin_unetr_msd", check=False
@@ -206,7 +207,7 @@ def _dataset_with_bad_case(root: Path, sample_dataset: Path, name: str, data: by
     (root / "imagesTr" / name).write_bytes(data)
     good = {"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}
     bad = {"image": f"imagesTr/{name}", "label": "labelsTr/label0001.nii.gz"}
-    (root / "dataset_0.json").write_text(json.dumps({"training": [good, bad], "validation": [good]}))
+    (root / "dataset_0.json").write_text(json.dumps({"training": [good, bad], "validation": [good]}), encoding="utf-8")
     return root
 
 

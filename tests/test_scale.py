@@ -35,7 +35,7 @@ def _env() -> dict:
 def _start(run_id: str, configs: list[str], overrides: dict, cwd: Path, python_args: tuple = (), log: Path = None):
     cmd = bundle_command(run_id, configs, overrides)
     cmd[1:1] = python_args
-    out = open(log, "w") if log else subprocess.DEVNULL
+    out = open(log, "w", encoding="utf-8") if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
 
 

@@ -34,7 +34,7 @@ def test_pretraining_logs_each_loss_and_writes_checkpoint_and_encoder(pretrained
     model = SSLHead(feature_size=12)
     model.load_state_dict(released_to_ssl_state(released))  # our own export loads back, strictly
     cache = pretrained["work"] / "cache"
-    index = json.loads((cache / "index.json").read_text())  # the corpus was preprocessed into the cache
+    index = json.loads((cache / "index.json").read_text(encoding="utf-8"))  # the corpus was preprocessed into the cache
     assert index["complete"] is True and index["settings"]["roi_size"] == SMALL_SSL["roi_size"]
     stored = [(v["section"], Path(v["source"]).name) for v in index["volumes"]]
     assert stored == [("training", "ct_full.nii.gz"), ("validation", "img0001.nii.gz")]  # ssl_dataset.json's
@@ -74,7 +74,8 @@ def test_encoder_hands_over_to_btcv_with_every_tensor_matched(pretrained, caplog
 def test_check_data_names_a_missing_volume(tmp_path, sample_dataset):
     datalist = tmp_path / "ssl.json"
     datalist.write_text(
-        json.dumps({"training": [{"image": "imagesTs/ct_full.nii.gz"}, {"image": "imagesTs/gone.nii.gz"}]})
+        json.dumps({"training": [{"image": "imagesTs/ct_full.nii.gz"}, {"image": "imagesTs/gone.nii.gz"}]}),
+        encoding="utf-8",
     )
     proc = run_bundle(
         "check_data",

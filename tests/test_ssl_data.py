@@ -36,7 +36,7 @@ def _datalist(path: Path, training: list, validation: list | None = None) -> Pat
     content = {"training": training}
     if validation is not None:
         content["validation"] = validation
-    path.write_text(json.dumps(content))
+    path.write_text(json.dumps(content), encoding="utf-8")
     return path
 
 
@@ -67,7 +67,7 @@ def test_datalists_combine_and_ignore_labels(tmp_path):
     a = _datalist(tmp_path / "a.json", training, [{"image": "v.nii"}])
     b = _datalist(tmp_path / "b.json", [{"image": "/abs/c.nii.gz"}])
     c = tmp_path / "c.json"
-    c.write_text(json.dumps({"validation": ["w.nii.gz"]}))  # no training section: contributes nothing there
+    c.write_text(json.dumps({"validation": ["w.nii.gz"]}), encoding="utf-8")  # no training section: contributes nothing there
     assert load_ssl_datalists([a, b, c], "/data") == [
         {"image": "/data/x/a.nii.gz"},
         {"image": "/data/x/b.nii.gz"},
@@ -94,7 +94,7 @@ def test_datalists_combine_and_ignore_labels(tmp_path):
 def test_datalist_errors_name_the_file(tmp_path, content, match):
     path = tmp_path / "bad.json"
     if content is not None:
-        path.write_text(content)
+        path.write_text(content, encoding="utf-8")
     with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
         load_ssl_datalists(path, tmp_path)
     assert str(path) in str(err.value)
@@ -104,7 +104,7 @@ def test_datalist_errors_name_the_file(tmp_path, content, match):
 def test_preprocess_stores_cropped_volumes_and_index(dataset):
     index_file = preprocess_corpus(dataset / "datalist.json", dataset, dataset / "corpus", roi_size=ROI)
     assert index_file == dataset / "corpus" / "index.json"
-    index = json.loads(index_file.read_text())
+    index = json.loads(index_file.read_text(encoding="utf-8"))
     assert index["settings"] == {
         "format_version": 1,
         "dtype": "uint8",
@@ -131,7 +131,7 @@ def test_an_image_listed_twice_is_stored_once_under_its_first_section(dataset, c
     _datalist(dataset / "dl.json", twice, ["imagesTr/ct0.nii.gz", "imagesTs/ct3.nii.gz"])
     with caplog.at_level("WARNING", logger="custom.data.ssl_corpus"):
         index_file = preprocess_corpus(dataset / "dl.json", dataset, dataset / "corpus", roi_size=ROI)
-    index = json.loads(index_file.read_text())
+    index = json.loads(index_file.read_text(encoding="utf-8"))
     assert [(Path(v["source"]).name, v["section"]) for v in index["volumes"]] == [
         ("ct0.nii.gz", "training"),
         ("ct3.nii.gz", "validation"),
@@ -158,7 +158,7 @@ def test_validation_made_only_of_training_images_is_refused_naming_the_datalist(
 def test_small_volume_is_padded_to_the_roi(tmp_path):
     _ct(tmp_path / "small.nii.gz", shape=(12, 10, 20), body=(slice(2, 10), slice(1, 9), slice(0, 20)))
     _datalist(tmp_path / "dl.json", ["small.nii.gz"])
-    index = json.loads(preprocess_corpus(tmp_path / "dl.json", tmp_path, tmp_path / "out", roi_size=ROI).read_text())
+    index = json.loads(preprocess_corpus(tmp_path / "dl.json", tmp_path, tmp_path / "out", roi_size=ROI).read_text(encoding="utf-8"))
     (vol,) = index["volumes"]
     assert vol["shape"] == [1, 16, 16, 20]
     arr = np.load(tmp_path / "out" / vol["file"])
@@ -184,7 +184,7 @@ def test_stored_volume_matches_monai_chain_in_memory(tmp_path, dtype, tol, pixdi
     index_file = preprocess_corpus(
         tmp_path / "dl.json", tmp_path, tmp_path / "out", pixdim=pixdim, roi_size=ROI, dtype=dtype
     )
-    vol = json.loads(index_file.read_text())["volumes"][0]
+    vol = json.loads(index_file.read_text(encoding="utf-8"))["volumes"][0]
     stored = np.load(tmp_path / "out" / vol["file"]).astype(np.float32) / (255.0 if dtype == "uint8" else 1.0)
     chain = [LoadImage(image_only=True, ensure_channel_first=True), Orientation(axcodes="RAS")]
     chain += [Spacing(pixdim=pixdim)] if pixdim else []
@@ -197,14 +197,14 @@ def test_stored_volume_matches_monai_chain_in_memory(tmp_path, dtype, tol, pixdi
 def test_resume_skips_stored_volumes_and_refuses_other_settings(dataset):
     args = (dataset / "datalist.json", dataset, dataset / "corpus")
     index_file = preprocess_corpus(*args, roi_size=ROI)
-    index = json.loads(index_file.read_text())
+    index = json.loads(index_file.read_text(encoding="utf-8"))
     files = [index_file.parent / v["file"] for v in index["volumes"]]
     mtimes = [f.stat().st_mtime_ns for f in files]
     # what a run killed after its first volumes leaves: the settings, no volume list yet
-    index_file.write_text(json.dumps({**index, "volumes": [], "complete": False}))
+    index_file.write_text(json.dumps({**index, "volumes": [], "complete": False}), encoding="utf-8")
     files[1].unlink()
     assert preprocess_corpus(*args, roi_size=ROI) == index_file
-    assert json.loads(index_file.read_text()) == index
+    assert json.loads(index_file.read_text(encoding="utf-8")) == index
     assert [f.stat().st_mtime_ns for i, f in enumerate(files) if i != 1] == [m for i, m in enumerate(mtimes) if i != 1]
 
     with pytest.raises(ValueError, match=r"other settings \(dtype: 'uint8' -> 'float16'\).*overwrite") as err:
@@ -212,9 +212,9 @@ def test_resume_skips_stored_volumes_and_refuses_other_settings(dataset):
     assert str(index_file) in str(err.value)
     with pytest.raises(ValueError, match=r"roi_size: \[16, 16, 16\] -> \[16, 16, 24\]"):
         preprocess_corpus(*args, roi_size=(16, 16, 24))
-    assert json.loads(index_file.read_text()) == index  # refused runs change nothing
+    assert json.loads(index_file.read_text(encoding="utf-8")) == index  # refused runs change nothing
 
-    new = json.loads(preprocess_corpus(*args, roi_size=ROI, dtype="float16", overwrite=True).read_text())
+    new = json.loads(preprocess_corpus(*args, roi_size=ROI, dtype="float16", overwrite=True).read_text(encoding="utf-8"))
     assert new["settings"]["dtype"] == "float16" and len(new["volumes"]) == 4
     assert not any(f.exists() for f in files)  # the uint8 volumes were replaced, not left behind
     assert sorted(p.name for p in (dataset / "corpus" / "volumes").iterdir()) == sorted(
@@ -236,7 +236,7 @@ def test_unreadable_images_are_listed_and_the_rest_indexed(dataset):
         str(dataset / "imagesTr" / name) for name in ("ct1.nii.gz", "missing.nii.gz", "blank.nii.gz")
     ]
     assert "EOFError" in lines[0] and "FileNotFoundError" in lines[1] and "window minimum" in lines[2]
-    index = json.loads((dataset / "corpus" / "index.json").read_text())
+    index = json.loads((dataset / "corpus" / "index.json").read_text(encoding="utf-8"))
     assert index["complete"] is False
     assert [Path(v["source"]).name for v in index["volumes"]] == ["ct0.nii.gz", "ct3.nii.gz"]
 
@@ -256,13 +256,13 @@ def test_interrupted_run_keeps_what_is_done(dataset, monkeypatch):
     monkeypatch.setattr(ssl_data, "_preprocess_one", interrupted_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         preprocess_corpus(*args, roi_size=ROI)
-    index = json.loads((dataset / "corpus" / "index.json").read_text())
+    index = json.loads((dataset / "corpus" / "index.json").read_text(encoding="utf-8"))
     assert index["complete"] is False
     assert [Path(v["source"]).name for v in index["volumes"]] == ["ct0.nii.gz", "ct1.nii.gz"]
 
     monkeypatch.setattr(ssl_data, "_preprocess_one", lambda *a: calls.append(a[0]) or real(*a))
     calls.clear()
-    index = json.loads(preprocess_corpus(*args, roi_size=ROI).read_text())
+    index = json.loads(preprocess_corpus(*args, roi_size=ROI).read_text(encoding="utf-8"))
     assert index["complete"] is True and len(index["volumes"]) == 4
     assert [Path(c).name for c in calls] == ["ct2.nii.gz", "ct3.nii.gz"]  # only the ones not stored yet
 
@@ -350,7 +350,7 @@ def test_dataset_errors_name_the_index_and_section(corpus, tmp_path):
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         MemmapCropDataset(corpus, roi_size=ROI, num_samples=0)
     bad = tmp_path / "index.json"
-    bad.write_text(json.dumps({"volumes": []}))
+    bad.write_text(json.dumps({"volumes": []}), encoding="utf-8")
     with pytest.raises(ValueError, match="not a corpus index"):
         MemmapCropDataset(bad)
     assert len(MemmapCropDataset(corpus, section="validation", roi_size=ROI)) == 1
@@ -364,7 +364,7 @@ def test_cli_writes_the_corpus_and_reports_errors(dataset, capsys):
     args = ["--datalist", str(dataset / "datalist.json"), "--dataset_dir", str(dataset), "--out_dir", str(out)]
     assert main(args + ["--roi_size", "16", "16", "16", "--dtype", "float16"]) == 0
     assert "4 volume(s) {'training': 3, 'validation': 1}" in capsys.readouterr().out
-    assert json.loads((out / "index.json").read_text())["settings"]["dtype"] == "float16"
+    assert json.loads((out / "index.json").read_text(encoding="utf-8"))["settings"]["dtype"] == "float16"
 
     assert main(args + ["--roi_size", "16", "16", "16"]) == 1  # uint8 into a float16 corpus
     err = capsys.readouterr().err
@@ -400,7 +400,7 @@ def test_module_runs_as_a_command(tmp_path):
 # -- parallel and sharded preprocessing (issue 17 item 9) -----------------------------------------
 def _stored(index_file: Path) -> tuple[dict, dict[str, bytes]]:
     """The index and the bytes of every stored volume, by file name."""
-    index = json.loads(index_file.read_text())
+    index = json.loads(index_file.read_text(encoding="utf-8"))
     return index, {p.name: p.read_bytes() for p in sorted((index_file.parent / "volumes").iterdir())}
 
 
@@ -453,14 +453,14 @@ def test_a_resumed_shard_does_not_redo_finished_volumes(dataset, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         preprocess_corpus(*args, roi_size=ROI, shard="0/2")
     part_file = dataset / "corpus" / "parts" / "shard-0-of-2.json"
-    part = json.loads(part_file.read_text())
+    part = json.loads(part_file.read_text(encoding="utf-8"))
     assert part["complete"] is False and [Path(v["source"]).name for v in part["volumes"]] == ["ct0.nii.gz"]
 
     calls.clear()
     monkeypatch.setattr(ssl_data, "_preprocess_one", lambda *a: calls.append(Path(a[0]).name) or real(*a))
     assert preprocess_corpus(*args, roi_size=ROI, shard="0/2") == part_file
     assert calls == ["ct2.nii.gz"]  # ct0 was finished before the interruption
-    part = json.loads(part_file.read_text())
+    part = json.loads(part_file.read_text(encoding="utf-8"))
     assert part["complete"] is True and [v["pos"] for v in part["volumes"]] == [0, 2]
 
     with pytest.raises(ValueError, match=r"shard-0-of-2.json was made with other settings \(dtype"):
@@ -498,7 +498,7 @@ def test_ssl_train_workflow_initialises_on_a_fresh_data_folder(dataset, tmp_path
         assert wf.check_properties() == []
     finally:
         set_determinism(seed=None)
-    index = json.loads((work / "cache" / "index.json").read_text())  # built by the dataset itself
+    index = json.loads((work / "cache" / "index.json").read_text(encoding="utf-8"))  # built by the dataset itself
     assert index["complete"] is True and len(index["volumes"]) == 4
     assert len(wf.train_dataset) == 3 and wf.train_dataset.index_file == work / "cache" / "index.json"
 
@@ -541,7 +541,7 @@ def test_corpus_is_built_by_rank_0_and_handed_to_every_rank(dataset, tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     index = str(tmp_path / "good" / "index.json")
     assert results[0, "good"] == results[1, "good"] == ("ok", index, index)
-    assert len(json.loads(Path(index).read_text())["volumes"]) == 4
+    assert len(json.loads(Path(index).read_text(encoding="utf-8"))["volumes"]) == 4
     assert results[0, "bad"][:2] == ("error", "FileNotFoundError") and "missing.json" in results[0, "bad"][2]
     assert results[1, "bad"][:2] == ("error", "RuntimeError") and "rank 0 could not prepare" in results[1, "bad"][2]
     assert "missing.json: datalist not found" in results[1, "bad"][2]

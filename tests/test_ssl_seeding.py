@@ -68,7 +68,7 @@ def _corpus(tmp_path) -> str:
     ct = rng.uniform(-1000, 1000, (48, 48, 40)).astype(np.float32)
     nib.save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "img" / "ct.nii.gz")
     datalist = tmp_path / "ssl.json"
-    datalist.write_text('{"training": [{"image": "img/ct.nii.gz"}]}')  # draws training crops only
+    datalist.write_text('{"training": [{"image": "img/ct.nii.gz"}]}', encoding="utf-8")  # draws training crops only
     return str(preprocess_corpus(datalist, tmp_path, tmp_path / "corpus", roi_size=(32, 32, 32)))
 
 

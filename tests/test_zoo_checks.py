@@ -41,9 +41,9 @@ def copy_bundle(src: Path, dst_parent: Path) -> Path:
 
 
 def edit_json(path: Path, edit) -> None:
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     edit(data)
-    path.write_text(json.dumps(data, indent=4) + "\n")
+    path.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -81,8 +81,8 @@ def test_lint_reports_each_tool_by_file(tmp_path):
     for name in ("setup.cfg", "pyproject.toml"):
         shutil.copy(REPO / name, tmp_path / name)
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "ok.py").write_text('"""Fine."""\n\nimport os\n\nprint(os.sep)\n')
-    (tmp_path / "pkg" / "bad.py").write_text("import sys\nimport os\nx=zip([1],[2])\n")
+    (tmp_path / "pkg" / "ok.py").write_text('"""Fine."""\n\nimport os\n\nprint(os.sep)\n', encoding="utf-8")
+    (tmp_path / "pkg" / "bad.py").write_text("import sys\nimport os\nx=zip([1],[2])\n", encoding="utf-8")
     found = lint_findings(["pkg"], root=tmp_path)
     assert list(found) == ["pkg/bad.py"], found
     text = "; ".join(found["pkg/bad.py"])
@@ -118,7 +118,7 @@ def test_broken_metadata_is_rejected_naming_each_field(tmp_path):
 def test_package_versions_under_either_name_not_both_and_published_versions_refused(tmp_path):
     bundle = copy_bundle(BTCV, tmp_path)
     meta_file = bundle / "configs" / "metadata.json"
-    version = json.loads(meta_file.read_text())["version"]
+    version = json.loads(meta_file.read_text(encoding="utf-8"))["version"]
     assert check_metadata(bundle).startswith(f"valid against ci/metadata_schema.json; version {version} in changelog")
     # the model zoo's older name, which MONAI 1.6 maps to required_packages_version
     edit_json(meta_file, lambda m: m.update(optional_packages_version=m.pop("required_packages_version")))
@@ -128,7 +128,7 @@ def test_package_versions_under_either_name_not_both_and_published_versions_refu
         check_metadata(bundle)
     edit_json(meta_file, lambda m: m.pop("optional_packages_version"))
     index = tmp_path / "model_info.json"
-    index.write_text(json.dumps({f"swin_unetr_btcv_v{version}": {"checksum": OTHER_HASH, "source": "file:///x.zip"}}))
+    index.write_text(json.dumps({f"swin_unetr_btcv_v{version}": {"checksum": OTHER_HASH, "source": "file:///x.zip"}}), encoding="utf-8")
     with pytest.raises(ZooCheckError, match=rf"version: {version} is already published in .*model_info.json"):
         check_metadata(bundle, index=index)
 
@@ -136,10 +136,10 @@ def test_package_versions_under_either_name_not_both_and_published_versions_refu
 def test_misformatted_json_is_reported_with_file_and_line(tmp_path):
     bundle = copy_bundle(BTCV, tmp_path)
     path = bundle / "configs" / "inference.json"
-    path.write_text(json.dumps(json.loads(path.read_text()), indent=2) + "\n")
+    path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=2) + "\n", encoding="utf-8")
     with pytest.raises(ZooCheckError, match=r"configs/inference.json: line 2 reads '  \"imports\": \[', the zoo's"):
         check_json_format(bundle)
-    path.write_text(json.dumps(json.loads(path.read_text()), indent=4))  # no final newline
+    path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=4), encoding="utf-8")  # no final newline
     with pytest.raises(ZooCheckError, match="inference.json: differs .* at the end of the file"):
         check_json_format(bundle)
 
@@ -151,11 +151,11 @@ def test_large_files_listing_is_checked_as_verified_path_reads_it(tmp_path):
     weights.write_bytes(b"weights")
     listing = bundle / "large_files.yml"
     entry = '  - path: "models/model.pt"\n    url: "https://example.org/model.pt"\n    hash_type: "sha256"\n'
-    listing.write_text(f"large_files:\n{entry}    hash_val: {sha256(weights)!r}\n")
+    listing.write_text(f"large_files:\n{entry}    hash_val: {sha256(weights)!r}\n", encoding="utf-8")
     assert "large_files.yml lists 1 file(s)" in check_files(bundle)
     assert verified_path(str(weights), str(bundle)) == str(weights)
 
-    listing.write_text(f"large_files:\n{entry}    hash_val: {OTHER_HASH!r}\n")  # another file's checksum
+    listing.write_text(f"large_files:\n{entry}    hash_val: {OTHER_HASH!r}\n", encoding="utf-8")  # another file's checksum
     with pytest.raises(ZooCheckError, match=f"models/model.pt: the file present has sha256 {sha256(weights)}"):
         check_files(bundle)
     with pytest.raises(ValueError, match="checksum does not match"):  # the bundles' loader refuses it too
@@ -165,9 +165,10 @@ def test_large_files_listing_is_checked_as_verified_path_reads_it(tmp_path):
         "large_files:\n"
         '  - path: "../model.pt"\n    url: "https://example.org/model.pt"\n    hash_type: "sha256"\n'
         f"    hash_val: {OTHER_HASH!r}\n"
-        '  - path: "models/other.pt"\n    hash_type: "md5"\n    hash_val: "abc"\n'
+        '  - path: "models/other.pt"\n    hash_type: "md5"\n    hash_val: "abc"\n',
+        encoding="utf-8",
     )
-    (bundle / "large_files.yaml").write_text("large_files: []\n")
+    (bundle / "large_files.yaml").write_text("large_files: []\n", encoding="utf-8")
     (bundle / "LICENSE").unlink()
     with pytest.raises(ZooCheckError) as e:
         check_files(bundle)
@@ -222,7 +223,7 @@ def test_command_line_reports_each_check_and_exits_non_zero_on_failure(tmp_path)
     bundle = copy_bundle(BTCV, tmp_path)
     edit_json(bundle / "configs" / "metadata.json", lambda m: m.pop("intended_use"))
     train = bundle / "configs" / "train.json"
-    train.write_text(json.dumps(json.loads(train.read_text())))  # one line
+    train.write_text(json.dumps(json.loads(train.read_text(encoding="utf-8"))), encoding="utf-8")  # one line
     bad = subprocess.run(
         [*CLI, str(bundle), "--checks", "files,metadata,json_format"],
         capture_output=True,

@@ -78,7 +78,7 @@ def _meminfo_available() -> int:
 
         return int(psutil.virtual_memory().available)
     except ImportError:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

@@ -88,7 +88,7 @@ class RunLock:
         self._created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            f = open(self.path, "a+")
+            f = open(self.path, "a+", encoding="utf-8")
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

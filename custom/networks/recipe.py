@@ -105,7 +105,7 @@ def make_recipe(meta_file: str | os.PathLike, network: torch.nn.Module | None = 
         >>> make_recipe(f.name, feature_size=12, roi_size=(64, 64, 64))["roi_size"]
         [64, 64, 64]
     """
-    with open(meta_file) as f:
+    with open(meta_file, encoding="utf-8") as f:
         meta = json.load(f)
     recipe: dict[str, Any] = {
         "format": RECIPE_FORMAT,

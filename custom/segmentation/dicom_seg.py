@@ -299,7 +299,7 @@ class CaseDicomSeg(CaseOutputHandler):
         if meta_file is not None:
             import json
 
-            with open(meta_file) as f:
+            with open(meta_file, encoding="utf-8") as f:
                 meta = json.load(f)
             self.algorithm_name = str(meta.get("name", self.algorithm_name))
             self.algorithm_version = str(meta.get("version", self.algorithm_version))

@@ -279,7 +279,7 @@ def write_statistics_csv(path: str | os.PathLike, json_files: Sequence[str | os.
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for file in json_files:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             doc = json.load(f)
         for row in doc["classes"]:
             writer.writerow({"case": doc["case"], **{k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS[1:]}})
@@ -301,7 +301,7 @@ def statistics_table(doc: Mapping[str, Any] | str | os.PathLike, all_classes: bo
         1  liver      10        1.5     55.0     9.5  yes (volume is a lower bound)
     """
     if not isinstance(doc, Mapping):
-        with open(doc) as f:
+        with open(doc, encoding="utf-8") as f:
             doc = json.load(f)
     rows = [r for r in doc["classes"] if all_classes or r["voxels"]]
     header = ("class", "name", "voxels", "volume ml", "mean HU", "std HU", "border")

@@ -52,7 +52,7 @@ def load_mapping(spec: str | Mapping) -> dict[int, int]:
         raw = MAPPINGS[spec]
     elif os.path.isfile(spec):
         try:
-            with open(spec) as f:
+            with open(spec, encoding="utf-8") as f:
                 raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"mapping file {spec}: not valid JSON ({e})") from e

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_metadata:
         path = Path(args.write_metadata)
         path.write_text(
-            json.dumps(metadata_for_task(json.loads(path.read_text(encoding="utf-8")), recipe), indent=4) + "\n"
+            json.dumps(metadata_for_task(json.loads(path.read_text(encoding="utf-8")), recipe), indent=4) + "\n",
+            encoding="utf-8",
         )
         print(f"updated {path} for {recipe.name}: {recipe.in_channels} input, {recipe.out_channels} output channels")
     return 0

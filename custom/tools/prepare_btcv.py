@@ -77,7 +77,7 @@ def prepare_btcv(
         "validation": [entries[c] for c in sorted(entries) if c in validation],
         "test": [place(tests[c], "imagesTs") for c in sorted(tests)],
     }
-    with open(out / "dataset_0.json", "w") as f:
+    with open(out / "dataset_0.json", "w", encoding="utf-8") as f:
         json.dump(datalist, f, indent=4)
     return datalist
 
