@@ -81,7 +81,9 @@ def child(spec_file: str) -> None:
         error = f"{type(e).__name__}: {e}"[:2000]
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    Path(spec["result"]).write_text(json.dumps({"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "error": error}), encoding="utf-8")
+    Path(spec["result"]).write_text(
+        json.dumps({"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "error": error}), encoding="utf-8"
+    )
 
 
 def main() -> None:
@@ -161,7 +163,9 @@ def main() -> None:
                 timeout=args.timeout,
             )
             log = proc.stdout + proc.stderr
-            result = json.loads(Path(spec["result"]).read_text(encoding="utf-8")) if Path(spec["result"]).is_file() else {}
+            result = (
+                json.loads(Path(spec["result"]).read_text(encoding="utf-8")) if Path(spec["result"]).is_file() else {}
+            )
         except subprocess.TimeoutExpired as e:
             log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
             result = {"error": f"timed out after {args.timeout} s"}

@@ -425,7 +425,10 @@ def write_report() -> Path:
         markdown(json.loads(f.read_text(encoding="utf-8"))) + f"\nRaw figures: `bench/results/{f.name}`.\n"
         for f in sorted(RESULTS.glob("compare_*.json"))
     ]
-    body += [levers_markdown(json.loads(f.read_text(encoding="utf-8")), f.name) for f in sorted(RESULTS.glob("levers_*.json"))]
+    body += [
+        levers_markdown(json.loads(f.read_text(encoding="utf-8")), f.name)
+        for f in sorted(RESULTS.glob("levers_*.json"))
+    ]
     DOC.write_text(intro + "<!-- results -->\n\n" + "\n".join(body), encoding="utf-8")
     return DOC
 

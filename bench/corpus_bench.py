@@ -40,7 +40,9 @@ def run(copies: int, workers: list[int], pixdim: list[float] | None, project: in
         for i in range(copies):
             os.symlink(sample.resolve(), root / "images" / f"ct{i:03d}.nii.gz")
         datalist = root / "datalist.json"
-        datalist.write_text(json.dumps({"training": [f"images/ct{i:03d}.nii.gz" for i in range(copies)]}), encoding="utf-8")
+        datalist.write_text(
+            json.dumps({"training": [f"images/ct{i:03d}.nii.gz" for i in range(copies)]}), encoding="utf-8"
+        )
         for n in workers:
             load_before = os.getloadavg()[0]
             start = time.perf_counter()

@@ -267,7 +267,14 @@ def _run_child(spec: dict) -> dict:
 
 # -- report ---------------------------------------------------------------------------------------
 def _machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo", encoding="utf-8")
+            if line.startswith("model name")
+        ),
+        "",
+    )
     mem = _status_like("/proc/meminfo", "MemTotal")
     import monai
     import torch

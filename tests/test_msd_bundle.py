@@ -166,7 +166,9 @@ def test_train_evaluate_infer(tmp_path, folder):
     seg, img = nib.load(seg_file), nib.load(next((task / "imagesTs").glob("*.nii.gz")))
     assert seg.shape == img.shape[:3] and np.allclose(seg.affine, img.affine, atol=1e-4)  # the input's own grid
     values = set(np.unique(np.asarray(seg.dataobj)).tolist())
-    assert values <= set(range(len(json.loads((task / "dataset.json").read_text(encoding="utf-8"))["labels"])))  # MSD label values
+    assert values <= set(
+        range(len(json.loads((task / "dataset.json").read_text(encoding="utf-8"))["labels"]))
+    )  # MSD label values
 
 
 # --- the recipe the bundle trains with: loss, length and schedule, augmentation, label resampling ---

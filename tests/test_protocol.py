@@ -154,9 +154,13 @@ def test_decathlon_fold_datalist_keeps_the_published_split_without_a_fold(tmp_pa
     assert json.loads(splits.read_text(encoding="utf-8"))["cases"] == 5
     with pytest.raises(SplitsError, match="splits_file"):
         decathlon_fold_datalist(datalist, tmp_path, "training", 5, 0, None)
-    datalist.write_text(json.dumps({"training": items, "validation": items[:1]}), encoding="utf-8")  # one case in both sections
+    datalist.write_text(
+        json.dumps({"training": items, "validation": items[:1]}), encoding="utf-8"
+    )  # one case in both sections
     assert len(decathlon_cases(datalist, tmp_path)) == 5
-    datalist.write_text(json.dumps({"training": items, "validation": [{**items[0], "label": "other.nii.gz"}]}), encoding="utf-8")
+    datalist.write_text(
+        json.dumps({"training": items, "validation": [{**items[0], "label": "other.nii.gz"}]}), encoding="utf-8"
+    )
     with pytest.raises(SplitsError, match="img0.nii.gz is listed twice with different entries"):
         decathlon_cases(datalist, tmp_path)
 

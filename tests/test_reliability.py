@@ -107,7 +107,9 @@ def test_checksum_in_large_files_yml_is_enforced(tmp_path):
         encoding="utf-8",
     )
     assert verified_path(str(weights), str(tmp_path)) == str(weights)
-    (tmp_path / "large_files.yml").write_text((tmp_path / "large_files.yml").read_text(encoding="utf-8").replace(good, "0" * 64), encoding="utf-8")
+    (tmp_path / "large_files.yml").write_text(
+        (tmp_path / "large_files.yml").read_text(encoding="utf-8").replace(good, "0" * 64), encoding="utf-8"
+    )
     with pytest.raises(ValueError, match=r"model.pt: sha256 .* does not match large_files.yml"):
         verified_path(str(weights), str(tmp_path))
 

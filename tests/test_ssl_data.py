@@ -67,7 +67,9 @@ def test_datalists_combine_and_ignore_labels(tmp_path):
     a = _datalist(tmp_path / "a.json", training, [{"image": "v.nii"}])
     b = _datalist(tmp_path / "b.json", [{"image": "/abs/c.nii.gz"}])
     c = tmp_path / "c.json"
-    c.write_text(json.dumps({"validation": ["w.nii.gz"]}), encoding="utf-8")  # no training section: contributes nothing there
+    c.write_text(
+        json.dumps({"validation": ["w.nii.gz"]}), encoding="utf-8"
+    )  # no training section: contributes nothing there
     assert load_ssl_datalists([a, b, c], "/data") == [
         {"image": "/data/x/a.nii.gz"},
         {"image": "/data/x/b.nii.gz"},
@@ -158,7 +160,9 @@ def test_validation_made_only_of_training_images_is_refused_naming_the_datalist(
 def test_small_volume_is_padded_to_the_roi(tmp_path):
     _ct(tmp_path / "small.nii.gz", shape=(12, 10, 20), body=(slice(2, 10), slice(1, 9), slice(0, 20)))
     _datalist(tmp_path / "dl.json", ["small.nii.gz"])
-    index = json.loads(preprocess_corpus(tmp_path / "dl.json", tmp_path, tmp_path / "out", roi_size=ROI).read_text(encoding="utf-8"))
+    index = json.loads(
+        preprocess_corpus(tmp_path / "dl.json", tmp_path, tmp_path / "out", roi_size=ROI).read_text(encoding="utf-8")
+    )
     (vol,) = index["volumes"]
     assert vol["shape"] == [1, 16, 16, 20]
     arr = np.load(tmp_path / "out" / vol["file"])
@@ -214,7 +218,9 @@ def test_resume_skips_stored_volumes_and_refuses_other_settings(dataset):
         preprocess_corpus(*args, roi_size=(16, 16, 24))
     assert json.loads(index_file.read_text(encoding="utf-8")) == index  # refused runs change nothing
 
-    new = json.loads(preprocess_corpus(*args, roi_size=ROI, dtype="float16", overwrite=True).read_text(encoding="utf-8"))
+    new = json.loads(
+        preprocess_corpus(*args, roi_size=ROI, dtype="float16", overwrite=True).read_text(encoding="utf-8")
+    )
     assert new["settings"]["dtype"] == "float16" and len(new["volumes"]) == 4
     assert not any(f.exists() for f in files)  # the uint8 volumes were replaced, not left behind
     assert sorted(p.name for p in (dataset / "corpus" / "volumes").iterdir()) == sorted(

@@ -128,7 +128,10 @@ def test_package_versions_under_either_name_not_both_and_published_versions_refu
         check_metadata(bundle)
     edit_json(meta_file, lambda m: m.pop("optional_packages_version"))
     index = tmp_path / "model_info.json"
-    index.write_text(json.dumps({f"swin_unetr_btcv_v{version}": {"checksum": OTHER_HASH, "source": "file:///x.zip"}}), encoding="utf-8")
+    index.write_text(
+        json.dumps({f"swin_unetr_btcv_v{version}": {"checksum": OTHER_HASH, "source": "file:///x.zip"}}),
+        encoding="utf-8",
+    )
     with pytest.raises(ZooCheckError, match=rf"version: {version} is already published in .*model_info.json"):
         check_metadata(bundle, index=index)
 
@@ -139,7 +142,9 @@ def test_misformatted_json_is_reported_with_file_and_line(tmp_path):
     path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=2) + "\n", encoding="utf-8")
     with pytest.raises(ZooCheckError, match=r"configs/inference.json: line 2 reads '  \"imports\": \[', the zoo's"):
         check_json_format(bundle)
-    path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=4), encoding="utf-8")  # no final newline
+    path.write_text(
+        json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=4), encoding="utf-8"
+    )  # no final newline
     with pytest.raises(ZooCheckError, match="inference.json: differs .* at the end of the file"):
         check_json_format(bundle)
 
@@ -155,7 +160,9 @@ def test_large_files_listing_is_checked_as_verified_path_reads_it(tmp_path):
     assert "large_files.yml lists 1 file(s)" in check_files(bundle)
     assert verified_path(str(weights), str(bundle)) == str(weights)
 
-    listing.write_text(f"large_files:\n{entry}    hash_val: {OTHER_HASH!r}\n", encoding="utf-8")  # another file's checksum
+    listing.write_text(
+        f"large_files:\n{entry}    hash_val: {OTHER_HASH!r}\n", encoding="utf-8"
+    )  # another file's checksum
     with pytest.raises(ZooCheckError, match=f"models/model.pt: the file present has sha256 {sha256(weights)}"):
         check_files(bundle)
     with pytest.raises(ValueError, match="checksum does not match"):  # the bundles' loader refuses it too
