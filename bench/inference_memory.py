@@ -1,7 +1,7 @@
 """Where the host memory of BTCV ``run inference`` goes, step by step: peak RSS per transform, window, output.
 
     python -m bench.inference_memory --z 120 240 [--xy 512] [--roi 96] [--sw_batch_size 4] [--feature_size 12]
-        [--overlap 0.25] [--out bench/results/inference_memory_CPU_<date>.json]
+        [--overlap 0.25] [--resample_dtype float64] [--out bench/results/inference_memory_CPU_<date>.json]
 
 For each ``--z`` the benchmark builds the body-shaped int16 CT of :mod:`bench.big_volume` (``--xy`` x ``--xy``
 x ``z`` voxels of 0.7 x 0.7 x 0.8 mm), saves untrained weights, and runs the BTCV bundle's
@@ -14,7 +14,8 @@ is its own step; the rest of its parent is the parent's. Per step: peak RSS, RSS
 above the RSS at its start; then, over the sizes, those peaks fitted as ``a + b x original voxels`` (bytes
 per original voxel: what :mod:`custom.segmentation.memory_plan` takes as its measured constants). RSS
 figures do not depend on the machine's load; the wall times in the file do (another benchmark may share
-the cores).
+the cores). ``--resample_dtype float32`` measures the pipeline with its ``Spacingd`` computing in float32
+instead of MONAI's default float64 (patched in the measured process only; the bundle is not changed).
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ def child(spec_file: str) -> None:
     from custom.segmentation.preview import CasePreview
     from custom.segmentation.statistics import CaseStatistics
 
+    if spec.get("resample_dtype", "float64") != "float64":  # the pipeline's Spacingd at another dtype
+        import torch
+
+        from custom.segmentation import pipeline
+
+        dtype = getattr(torch, spec["resample_dtype"])
+
+        class Spacingd(pipeline.Spacingd):
+            def __init__(self, *args, **kwargs):
+                kwargs.setdefault("dtype", dtype)
+                super().__init__(*args, **kwargs)
+
+        pipeline.Spacingd = Spacingd
     apply = compose.apply_transform
 
     def measured_apply(transform, data, *args, **kwargs):
@@ -156,6 +170,7 @@ def main() -> None:
     parser.add_argument("--sw_batch_size", type=int, default=4)
     parser.add_argument("--feature_size", type=int, default=12)
     parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--resample_dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -195,6 +210,7 @@ def main() -> None:
                 "overlap": args.overlap,
             },
             "result": str(work / f"result_{z}.json"),
+            "resample_dtype": args.resample_dtype,
         }
         spec_file = work / f"spec_{z}.json"
         spec_file.write_text(json.dumps(spec), encoding="utf-8")
@@ -244,6 +260,7 @@ def main() -> None:
         "sw_batch_size": args.sw_batch_size,
         "feature_size": args.feature_size,
         "overlap": args.overlap,
+        "resample_dtype": args.resample_dtype,
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,

@@ -17,14 +17,16 @@ refuses before starting. Hence :func:`plan_stitching` per case, from the resampl
 
   - loading: ``N x`` :data:`LOAD_BYTES_PER_ORIGINAL_VOXEL` (int16 read, float32 copy);
   - resampling to ``pixdim``: ``N x`` :data:`RESAMPLE_BYTES_PER_ORIGINAL_VOXEL` (``Spacingd`` computes in
-    float64: the image as loaded plus its float64 copy);
+    MONAI's default float64: the image as loaded plus its float64 copy; in float32, as the input's trace
+    tells: :data:`FLOAT32_RESAMPLE_BYTES_PER_ORIGINAL_VOXEL`);
   - the network: the stitching, the window batch and the forward's activations
     (:data:`SDPA_ACTIVATION_BYTES_PER_VOXEL` or, for MONAI's own attention, :data:`ACTIVATION_BYTES_PER_VOXEL`,
     per window voxel of at least two windows);
   - the inversion onto the input's grid: what the network left held (the probabilities and the input at
-    ``V``, and :data:`HEAP_RESIDUE_FRACTION` of the window batch and activations: freed buffers the allocator keeps) plus ``N x``
-    :data:`INVERT_BYTES_PER_ORIGINAL_VOXEL` (``Invertd``'s inverse ``Spacingd`` builds a float64 grid of
-    the whole original volume): on a big CT this step is the peak, not the network;
+    ``V``, and :data:`HEAP_RESIDUE_FRACTION` of the window batch and activations: freed buffers the
+    allocator keeps) plus ``N x`` :data:`INVERT_BYTES_PER_ORIGINAL_VOXEL` (``Invertd``'s inverse
+    ``Spacingd`` resamples in float64 over the whole original grid; in float32
+    :data:`FLOAT32_INVERT_BYTES_PER_ORIGINAL_VOXEL`): on a big CT this step is the peak;
   - the outputs (statistics, preview): the same held memory plus ``N x``
     :data:`OUTPUT_BYTES_PER_ORIGINAL_VOXEL` and :data:`OUTPUT_SLAB_BYTES`;
 
@@ -46,7 +48,9 @@ The plan runs where the sliding window starts, after the case was loaded and res
 case whose inversion, outputs or network would exceed the host before any window runs (the inversion
 comes minutes later), but it cannot refuse one whose loading or resampling alone exceeds the host, which
 fails (``MemoryError`` or the OOM killer) in the preprocessing, seconds after its start, before the plan.
-On the GPU the device side of the inversion is not planned (``device_reserve_gib`` covers it).
+With the stitching on a GPU the post-processing (``Invertd``) runs there too; its device memory (the
+56 B an original voxel measured on the CPU would be 8.2 GiB for a 512 x 512 x 600 CT) is not planned,
+only the window batch and the stitching are, beside ``device_reserve_gib``: not measured on a GPU.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ __all__ = [
     "LOAD_BYTES_PER_ORIGINAL_VOXEL",
     "RESAMPLE_BYTES_PER_ORIGINAL_VOXEL",
     "INVERT_BYTES_PER_ORIGINAL_VOXEL",
+    "FLOAT32_RESAMPLE_BYTES_PER_ORIGINAL_VOXEL",
+    "FLOAT32_INVERT_BYTES_PER_ORIGINAL_VOXEL",
     "OUTPUT_BYTES_PER_ORIGINAL_VOXEL",
     "OUTPUT_SLAB_BYTES",
     "HEAP_RESIDUE_FRACTION",
@@ -105,6 +111,11 @@ RESAMPLE_BYTES_PER_ORIGINAL_VOXEL = 18
 #: 840, 1680, 3402 MiB for 15.7 M, 31.5 M, 62.9 M voxels (56.0, 56.0, 56.7 B), the process's peak in each
 #: (same runs); 7.9 M voxels: 420 MiB (56.0 B)
 INVERT_BYTES_PER_ORIGINAL_VOXEL = 57
+#: the same two steps with ``Spacingd(dtype=torch.float32)``: resampling 4 B held plus 2.5 B above it,
+#: inversion 840 and 1680 MiB for 31.5 M and 62.9 M voxels (28.0 B)
+#: (bench/results/inference_memory_CPU_2026-12-01_float32.json, ``--resample_dtype float32``)
+FLOAT32_RESAMPLE_BYTES_PER_ORIGINAL_VOXEL = 7
+FLOAT32_INVERT_BYTES_PER_ORIGINAL_VOXEL = 29
 #: the statistics and preview handlers over the inverted label map and the input read again: peaks 842, 903,
 #: 1279 MiB above the process before the network for 15.7 M, 31.5 M, 62.9 M voxels (9.3 B a voxel more, the
 #: rest what the network left held and the slab temporaries)
@@ -157,6 +168,7 @@ def host_steps(
     activation_bytes: int | None,
     in_channels: int = 1,
     bytes_per_value: int = 4,
+    resample_dtype: str = "float64",
 ) -> dict[str, int]:
     """Host bytes of each step of one case above the process itself (the module docstring's terms).
 
@@ -167,6 +179,8 @@ def host_steps(
         stitch_bytes, window_bytes: the stitching buffers and the window batch.
         activation_bytes: the network forward's activations on the host; None: the network runs elsewhere
             (no network step).
+        resample_dtype: what ``Spacingd`` computes in (its trace's ``extra_info["dtype"]``): ``"float32"``
+            takes the float32 figures, anything else MONAI's default float64's.
 
     Returns:
         step name -> bytes: ``loading``, ``resampling``, ``network`` (when ``activation_bytes`` is given),
@@ -177,13 +191,16 @@ def host_steps(
     """
     residue = int(HEAP_RESIDUE_FRACTION * (window_bytes + (activation_bytes or 0)))
     held = voxels * bytes_per_value * (num_classes + in_channels) + residue
+    single = resample_dtype == "float32"
+    resample = FLOAT32_RESAMPLE_BYTES_PER_ORIGINAL_VOXEL if single else RESAMPLE_BYTES_PER_ORIGINAL_VOXEL
+    invert = FLOAT32_INVERT_BYTES_PER_ORIGINAL_VOXEL if single else INVERT_BYTES_PER_ORIGINAL_VOXEL
     steps = {
         "loading": original_voxels * LOAD_BYTES_PER_ORIGINAL_VOXEL,
-        "resampling": original_voxels * RESAMPLE_BYTES_PER_ORIGINAL_VOXEL,
+        "resampling": original_voxels * resample,
     }
     if activation_bytes is not None:
         steps["network"] = stitch_bytes + window_bytes + activation_bytes
-    steps["inversion"] = held + original_voxels * INVERT_BYTES_PER_ORIGINAL_VOXEL
+    steps["inversion"] = held + original_voxels * invert
     steps["outputs"] = held + original_voxels * OUTPUT_BYTES_PER_ORIGINAL_VOXEL + OUTPUT_SLAB_BYTES
     return steps
 
@@ -204,6 +221,7 @@ def plan_stitching(
     runtime_gib: float = 0.5,
     parameter_bytes: int = 0,
     estimate_margin: float = ESTIMATE_MARGIN,
+    resample_dtype: str = "float64",
 ) -> StitchPlan:
     """Decide where to stitch one case (see the module docstring). Pure arithmetic plus the two budgets.
 
@@ -227,6 +245,7 @@ def plan_stitching(
             430-530 MiB measured before the network's step.
         parameter_bytes: the network's parameters, added to ``runtime_gib`` (a feature_size-48 model: 250 MB).
         estimate_margin: fraction added to the modelled host peak (:data:`ESTIMATE_MARGIN`).
+        resample_dtype: what the resampling to ``pixdim`` and its inversion compute in (:func:`host_steps`).
 
     Raises:
         MemoryPlanError: the stitching fits neither on the device nor in host RAM (sizes and budgets named).
@@ -259,7 +278,7 @@ def plan_stitching(
         if stitch + window <= device_budget:
             message = f"{what}: on {dev} ({_gib(device_budget)} free after a {device_reserve_gib:g} GiB reserve)"
             return StitchPlan(dev, stitch, window, originals, device_budget, host_budget, message)
-        steps = host_steps(voxels, num_classes, n, stitch, window, None, in_channels, b)
+        steps = host_steps(voxels, num_classes, n, stitch, window, None, in_channels, b, resample_dtype)
         step = max(steps, key=steps.__getitem__)
         need = int((runtime + max(stitch, steps[step])) * grow)
         if need <= host_budget:
@@ -274,7 +293,7 @@ def plan_stitching(
             f"and, with the image and its label map on the host ({_gib(need)} at the {step}), more than the host "
             f"has ({_gib(host_budget)} available after a {host_margin:.0%} margin). {not_started}"
         )
-    steps = host_steps(voxels, num_classes, n, stitch, window, activations, in_channels, b)
+    steps = host_steps(voxels, num_classes, n, stitch, window, activations, in_channels, b, resample_dtype)
     step = max(steps, key=steps.__getitem__)
     need = int((runtime + steps[step]) * grow)
     peak = (
@@ -303,6 +322,17 @@ def _attention_bytes(network: Any) -> int:
     if attention and all(isinstance(m, SDPAWindowAttention) for m in attention):
         return SDPA_ACTIVATION_BYTES_PER_VOXEL
     return ACTIVATION_BYTES_PER_VOXEL
+
+
+def _resample_dtype(inputs: Any) -> str:
+    """The dtype the input's last resampling computed in, from its MONAI trace (``"float64"`` when unknown)."""
+    ops = getattr(inputs, "applied_operations", None) or []
+    ops = ops[0] if ops and isinstance(ops[0], list) else ops  # a batch: one list per item
+    for op in reversed(ops):
+        info = op.get("extra_info") if isinstance(op, dict) else None
+        if isinstance(info, dict) and "dtype" in info and op.get("class") == "SpatialResample":
+            return str(info["dtype"])
+    return "float64"
 
 
 def _parameter_bytes(network: Any) -> int:
@@ -367,6 +397,7 @@ class PlannedSlidingWindowInferer(SlidingWindowInferer):
             name=str(source),
             activation_bytes_per_voxel=_attention_bytes(network),
             parameter_bytes=_parameter_bytes(network),
+            resample_dtype=_resample_dtype(inputs),
         )
         self.last_plan = plan
         (logger.warning if plan.on_cpu and self.network_device.type != "cpu" else logger.info)(plan.message)
