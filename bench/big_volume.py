@@ -14,7 +14,9 @@ in a fresh process, on the same input and the same weights:
 inference.json of then, which is what inference.json now holds.)
 
 Per run: wall time of the command, peak RSS of its process (``ru_maxrss``), and the files written; then the
-two label maps compared voxel for voxel, and the plan's host estimate next to the measured peak. The plan
+two label maps compared voxel for voxel, and the plan's host estimate (as the planned run logged it, and as
+:func:`custom.segmentation.memory_plan.plan_stitching` computes it here) next to the measured peak, with
+their ratio (``plan_logged_vs_peak``: at least 1 when the plan covers the run). The plan
 for a full 600-slice volume is given as arithmetic (``plan_600_estimate``), not measured, when ``--z`` is
 smaller. With roi 96 and 2 CPU cores a window costs about 10 s at feature_size 12 (more when the machine
 is shared); at the default overlap 0.5 a 512 x 512 x 600 volume (239 x 239 x 240 at the BTCV spacing) needs
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -200,6 +203,12 @@ def main() -> None:
         "plan_host_estimate_mib": round(plan.host_bytes / 2**20),
         "plan_600_estimate": {"resampled_shape": z600, "host_mib": round(plan600.host_bytes / 2**20)},
     }
+    logged = [re.search(r"on the CPU \((\d+\.\d+) GiB", line) for line in runs["planned"].get("plan_log", [])]
+    logged = [float(m.group(1)) for m in logged if m]
+    if logged:
+        result["plan_logged_host_gib"] = logged[0]
+        if "peak_rss_mib" in runs["planned"]:
+            result["plan_logged_vs_peak"] = round(logged[0] * 1024 / runs["planned"]["peak_rss_mib"], 3)
     if all("peak_rss_mib" in runs[n] for n in runs):
         result["peak_rss_ratio_planned_vs_today"] = round(
             runs["planned"]["peak_rss_mib"] / runs["today"]["peak_rss_mib"], 3
