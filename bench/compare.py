@@ -2,6 +2,7 @@
 
     python -m bench.compare --size small            # this CPU: feature_size 12, 64^3 crops
     python -m bench.compare --size full             # a GPU: feature_size 48, 96^3 crops
+    python -m bench.compare --parts infer --weights seeded   # inference alone, seeded untrained weights
     python -m bench.compare --report                # rewrite docs/benchmarks.md from bench/results/
 
 Each measurement runs the bundles' own configs in a fresh process (``monai.bundle.ConfigWorkflow``,
@@ -14,7 +15,13 @@ of ``bench/zoo_recipe/`` merged over it, so network, loss and deterministic prep
 2. inference (``configs/inference.json``, baseline ``zoo_recipe/inference.json``): seconds per volume
    end to end (load, resample, sliding window, invert, save) on copies of ``ct_full.nii.gz`` (about
    244 x 202 x 168 at the full size's 1.5 x 1.5 x 2 mm), median after the first volume, both
-   with the same weights (those of this run's fine-tuning), and the voxel agreement of the two label maps;
+   with the same weights (those of this run's fine-tuning, or with ``--weights seeded`` seeded
+   untrained ones and no fine-tuning), and the voxel agreement of the two label maps. Ours runs the
+   body crop (``body_crop``, on by default: the windows wholly in the air are not run); the zoo recipe
+   slides over the whole image (``zoo_recipe/inference.json`` sets ``body_crop`` false). A third
+   row, ``ours_no_crop``, is ours with ``body_crop`` false: the crop as a lever, its ratio and its
+   agreement with ours. Each row reports the windows run per volume of the whole image's total
+   (counted on the network's calls; the total from the crop's log of the last volume);
 3. SSL pre-training (``swin_unetr_ssl/configs/train.json``, baseline ``zoo_recipe/ssl_train.json``:
    views made with per-sample loops and host round trips, ``bench/research_views.py``): steps per second.
 
@@ -111,7 +118,7 @@ def child_train(args: argparse.Namespace) -> dict:
 
 
 def child_infer(args: argparse.Namespace) -> dict:
-    """Inference over the copies in ``input_dir``: seconds per volume, first one reported apart."""
+    """Inference over the copies in ``input_dir``: seconds per volume (first one apart), windows run per volume."""
     import torch
     from ignite.engine import Events
 
@@ -119,6 +126,9 @@ def child_infer(args: argparse.Namespace) -> dict:
     baseline = "inference.json" if args.pipeline == "baseline" else None
     wf = _workflow("btcv", "inference.json", baseline, "infer", overrides)
     evaluator = wf.parser.get_parsed_content("evaluator")
+    windows = [0]
+    network = wf.parser.get_parsed_content("network")
+    network.register_forward_pre_hook(lambda _, inputs: windows.__setitem__(0, windows[0] + inputs[0].shape[0]))
     stamps: list[float] = []
     stamp = lambda _: (_sync(), stamps.append(time.perf_counter()))  # noqa: E731
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, stamp)
@@ -127,10 +137,14 @@ def child_infer(args: argparse.Namespace) -> dict:
     stamps.append(time.perf_counter())
     wf.run()
     per_volume = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=False)]
+    run = windows[0] // len(per_volume)  # the copies are one image: the same windows each
+    last = getattr(wf.parser.get_parsed_content("inferer"), "last_windows", None)  # BodyCropInferer's (run, total)
     return {
         "first_volume_seconds": round(per_volume[0], 3),
         "seconds_per_volume": round(statistics.median(per_volume[1:]), 3),
         "volumes_timed": len(per_volume) - 1,
+        "windows_run": run,
+        "windows_total": last[1] if last else run,
         **_peak_memory(),
     }
 
@@ -236,9 +250,17 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
     parts = args.parts.split(",")
     state = work / "ours_model.pt"
 
-    def alternate(name: str, mode: str, part: str, overrides, key: str, higher_is_better: bool = True) -> bool:
-        """``--repeats`` rounds of baseline then ours; the summary (or the error) goes into ``result[name]``."""
-        runs: dict[str, list] = {"baseline": [], "ours": []}
+    def alternate(
+        name: str,
+        mode: str,
+        part: str,
+        overrides,
+        key: str,
+        higher_is_better: bool = True,
+        pipelines: tuple[str, ...] = ("baseline", "ours"),
+    ) -> bool:
+        """``--repeats`` rounds of each pipeline in turn; the summary (or the error) goes into ``result[name]``."""
+        runs: dict[str, list] = {pipeline: [] for pipeline in pipelines}
         try:
             for r in range(args.repeats):
                 for pipeline in runs:
@@ -258,7 +280,8 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
         run_dir = work / f"{prefix}_{pipeline}_{r}"
         return {"ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "outputs")}
 
-    if "train" in parts or "infer" in parts:
+    seeded = args.weights == "seeded"
+    if "train" in parts or ("infer" in parts and not seeded):
         ok = alternate(
             "train",
             "train",
@@ -280,7 +303,14 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
     if "infer" in parts and "error" not in result.get("train", {}):
         ckpt = work / "infer_models"
         ckpt.mkdir()
-        shutil.copy(state, ckpt / "model.pt")  # the same weights for both pipelines
+        if seeded:  # no fine-tuning: the bundle's network, seeded, untrained (speed does not depend on training)
+            from monai.networks.nets import SwinUNETR
+
+            torch.manual_seed(0)
+            torch.save(SwinUNETR(1, 14, feature_size=size["feature_size"]).state_dict(), ckpt / "model.pt")
+            result["weights"] = "seeded untrained (--weights seeded): agreement of an untrained network's argmax"
+        else:
+            shutil.copy(state, ckpt / "model.pt")  # the same weights for every pipeline
         ok = alternate(
             "infer",
             "infer",
@@ -289,14 +319,19 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
                 "ckpt_dir": str(ckpt),
                 "input_dir": str(paths["infer_in"]),
                 "output_dir": str(work / f"segs_{pipeline}_{r}"),
+                **({"body_crop": False} if pipeline == "ours_no_crop" else {}),
             },
             "seconds_per_volume",
             higher_is_better=False,
+            pipelines=("baseline", "ours", "ours_no_crop"),
         )
         if ok:
             seg = "ct_full_0_seg.nii.gz"
             result["infer"]["label_agreement"] = round(
                 agreement(work / "segs_baseline_0" / seg, work / "segs_ours_0" / seg), 5
+            )
+            result["infer"]["label_agreement_ours_no_crop"] = round(
+                agreement(work / "segs_ours_no_crop_0" / seg, work / "segs_ours_0" / seg), 5
             )
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if "ssl" in parts:
@@ -325,8 +360,11 @@ def _summary(runs: dict[str, list], key: str, higher_is_better: bool = True) -> 
         keys = [k for k in rs[0] if isinstance(rs[0][k], (int, float))]
         out[pipeline] = {k: _median(rs, k) for k in keys}
         out[pipeline]["all_" + key] = [r[key] for r in rs]
-    b, o = out["baseline"][key], out["ours"][key]
-    out["ratio"] = round(o / b if higher_is_better else b / o, 2)
+    b = out["baseline"][key]
+    for pipeline in runs:
+        if pipeline != "baseline":
+            o = out[pipeline][key]
+            out["ratio" if pipeline == "ours" else f"ratio_{pipeline}"] = round(o / b if higher_is_better else b / o, 2)
     return out
 
 
@@ -362,6 +400,7 @@ def markdown(result: dict) -> str:
         f"medians of {result['repeats']} alternating runs each.",
         "",
         *([f"Note: {result['note']}", ""] if "note" in result else []),
+        *([f"Weights: {result['weights']}.", ""] if "weights" in result else []),
         "| measure | zoo recipe | ours | ratio (ours / zoo) |",
         "|---|---|---|---|",
     ]
@@ -379,10 +418,27 @@ def markdown(result: dict) -> str:
             continue
         rows.append(f"| {labels[part]}, {unit} | {t['baseline'][key]} | {t['ours'][key]} | **{t['ratio']}** |")
         rows.append(f"| {labels[part]}, peak memory | {_mem(t['baseline'])} | {_mem(t['ours'])} | |")
+        if "windows_run" in t["ours"]:
+            b, o = t["baseline"], t["ours"]
+            rows.append(
+                f"| {labels[part]}, windows run per volume (of the whole image's) | {b['windows_run']:g} of "
+                f"{b['windows_total']:g} | {o['windows_run']:g} of {o['windows_total']:g} (body crop) | |"
+            )
+        if "ours_no_crop" in t:
+            n = t["ours_no_crop"]
+            rows.append(
+                f"| {labels[part]} without the body crop (lever), {unit} | | {n[key]} ({n['windows_run']:g} "
+                f"windows, {_mem(n)}) | {t['ratio_ours_no_crop']} |"
+            )
         if "model_flop_utilisation" in t:
             rows.append(f"| {labels[part]}, model FLOP utilisation | | {t['model_flop_utilisation']:.1%} | |")
         if "label_agreement" in t:
             rows.append(f"| {labels[part]}, voxels with the same label | | {t['label_agreement']:.2%} | |")
+        if "label_agreement_ours_no_crop" in t:
+            rows.append(
+                f"| {labels[part]}, voxels with the same label, ours with and without the crop | | "
+                f"{t['label_agreement_ours_no_crop']:.2%} | |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -441,6 +497,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="training steps before timing starts")
     parser.add_argument("--copies", type=int, default=2, help="inference volumes timed after the first")
+    parser.add_argument(
+        "--weights",
+        choices=["trained", "seeded"],
+        default="trained",
+        help="inference weights: this run's fine-tuning (default), or seeded untrained ones (--parts infer alone)",
+    )
     parser.add_argument("--sample_dir", default=str(SAMPLE_DIR))
     parser.add_argument(
         "--out", default="", help="result JSON (default bench/results/compare_<device>_<size>_<date>.json)"
@@ -448,7 +510,7 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md from bench/results/")
     parser.add_argument("--child", choices=["train", "infer"], help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
-    parser.add_argument("--pipeline", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", choices=["baseline", "ours", "ours_no_crop"], help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--state_out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
