@@ -1,7 +1,7 @@
 """Where the host memory of BTCV ``run inference`` goes, step by step: peak RSS per transform, window, output.
 
     python -m bench.inference_memory --z 120 240 [--xy 512] [--roi 96] [--sw_batch_size 4] [--feature_size 12]
-        [--overlap 0.25] [--resample_dtype float64] [--out bench/results/inference_memory_CPU_<date>.json]
+        [--onnx_runtime] [--overlap 0.25] [--resample_dtype float64] [--out bench/results/inference_memory_CPU_<date>.json]
 
 For each ``--z`` the benchmark builds the body-shaped int16 CT of :mod:`bench.big_volume` (``--xy`` x ``--xy``
 x ``z`` voxels of 0.7 x 0.7 x 0.8 mm), saves untrained weights, and runs the BTCV bundle's
@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--feature_size", type=int, default=12)
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--resample_dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument(
+        "--onnx_runtime", action="store_true", help="the windows through ONNX Runtime (the bundle's option)"
+    )
     parser.add_argument("--timeout", type=int, default=600, help="seconds per run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -208,6 +211,7 @@ def main() -> None:
                 "roi_size": [args.roi] * 3,
                 "sw_batch_size": args.sw_batch_size,
                 "overlap": args.overlap,
+                "onnx_runtime": bool(args.onnx_runtime),
             },
             "result": str(work / f"result_{z}.json"),
             "resample_dtype": args.resample_dtype,
@@ -259,6 +263,7 @@ def main() -> None:
         "roi_size": [args.roi] * 3,
         "sw_batch_size": args.sw_batch_size,
         "feature_size": args.feature_size,
+        "onnx_runtime": bool(args.onnx_runtime),
         "overlap": args.overlap,
         "resample_dtype": args.resample_dtype,
         "cpu": platform.processor() or platform.machine(),

@@ -19,9 +19,10 @@ refuses before starting. Hence :func:`plan_stitching` per case, from the resampl
   - resampling to ``pixdim``: ``N x`` :data:`RESAMPLE_BYTES_PER_ORIGINAL_VOXEL` (``Spacingd`` computes in
     MONAI's default float64: the image as loaded plus its float64 copy; in float32, as the input's trace
     tells: :data:`FLOAT32_RESAMPLE_BYTES_PER_ORIGINAL_VOXEL`);
-  - the network: the stitching, the window batch and the forward's activations
-    (:data:`SDPA_ACTIVATION_BYTES_PER_VOXEL` or, for MONAI's own attention, :data:`ACTIVATION_BYTES_PER_VOXEL`,
-    per window voxel of at least two windows);
+  - the network: the stitching, the window batch and the forward's activations per window voxel of at
+    least two windows, read from the network (:func:`network_activation_bytes`): SDPA attention
+    :data:`SDPA_ACTIVATION_BYTES_PER_VOXEL`, growing with the feature size (about 3x at 48), MONAI's own
+    attention more, ONNX Runtime's arena :data:`ONNX_ACTIVATION_BYTES_PER_VOXEL` (kept to the end);
   - the inversion onto the input's grid: what the network left held (the probabilities and the input at
     ``V``, and :data:`HEAP_RESIDUE_FRACTION` of the window batch and activations: freed buffers the
     allocator keeps) plus ``N x`` :data:`INVERT_BYTES_PER_ORIGINAL_VOXEL` (``Invertd``'s inverse
@@ -69,6 +70,9 @@ from custom.data import cache_plan
 __all__ = [
     "ACTIVATION_BYTES_PER_VOXEL",
     "SDPA_ACTIVATION_BYTES_PER_VOXEL",
+    "SDPA_ACTIVATION_BYTES_PER_FEATURE",
+    "ONNX_ACTIVATION_BYTES_PER_VOXEL",
+    "network_activation_bytes",
     "LOAD_BYTES_PER_ORIGINAL_VOXEL",
     "RESAMPLE_BYTES_PER_ORIGINAL_VOXEL",
     "INVERT_BYTES_PER_ORIGINAL_VOXEL",
@@ -100,6 +104,20 @@ ACTIVATION_BYTES_PER_VOXEL = 1200
 #: for one window, 776 MiB for two, 1621 MiB for four: 460-480 B a voxel from two windows on, one window
 #: costing as two (hence the plan counts at least two)
 SDPA_ACTIVATION_BYTES_PER_VOXEL = 500
+#: ... and its growth with the feature size: four 96^3 windows took 2381 MiB at feature_size 24 (705 B a
+#: voxel) and 4687 MiB at 48 (1389 B), the sliding window's peak above its start less the stitching and
+#: the window batch (``python -m bench.inference_memory --xy 256 --z 120 --overlap 0.25 --feature_size 24``,
+#: ``48``; bench/results/inference_memory_CPU_2026-12-01_f24.json, _f48.json): the plan counts
+#: ``max(SDPA_ACTIVATION_BYTES_PER_VOXEL, SDPA_ACTIVATION_BYTES_PER_FEATURE x feature_size)``, 720 and 1440 B
+SDPA_ACTIVATION_BYTES_PER_FEATURE = 30
+#: windows through ONNX Runtime (``onnx_runtime``, :class:`custom.networks.runtimes.OnnxRuntimePredictor`):
+#: the process grew 11714 MiB above the sliding window's start at feature_size 12 and 12126 MiB at 48 for 9
+#: windows of 96^3 (batches of 4, 4 and 1), 6357 MiB at 48 for one batch of 4, and kept it to the end of the
+#: run (bench/results/inference_memory_CPU_2026-12-01_onnx_f12.json, _onnx_f48.json, _onnx_f48_one_batch.json);
+#: the 60-window volume of bench/results/cpu_full_volume_f48_2026-12-01.json peaked at 12.9 GiB: about
+#: 3.4 kB per voxel of the window batch whatever the feature size once several batches ran, all of it held
+#: (residue 1.0), hence 3.7 kB
+ONNX_ACTIVATION_BYTES_PER_VOXEL = 3700
 #: ``LoadImaged`` of an int16 NIfTI CT, peak above the step's start per original voxel: 120, 240, 480 MiB
 #: for 15.7 M, 31.5 M, 62.9 M voxels (8.0 B: the int16 data, its float32 copy, the gzip stream);
 #: bench/results/inference_memory_CPU_2026-12-01.json
@@ -169,6 +187,7 @@ def host_steps(
     in_channels: int = 1,
     bytes_per_value: int = 4,
     resample_dtype: str = "float64",
+    heap_residue: float = HEAP_RESIDUE_FRACTION,
 ) -> dict[str, int]:
     """Host bytes of each step of one case above the process itself (the module docstring's terms).
 
@@ -181,6 +200,8 @@ def host_steps(
             (no network step).
         resample_dtype: what ``Spacingd`` computes in (its trace's ``extra_info["dtype"]``): ``"float32"``
             takes the float32 figures, anything else MONAI's default float64's.
+        heap_residue: the fraction of the window batch and activations still held after the network
+            (:data:`HEAP_RESIDUE_FRACTION`; 1.0 for ONNX Runtime, whose arena keeps everything).
 
     Returns:
         step name -> bytes: ``loading``, ``resampling``, ``network`` (when ``activation_bytes`` is given),
@@ -189,7 +210,7 @@ def host_steps(
     >>> host_steps(10**6, 14, 10**7, 0, 0, None)["inversion"] // 10**6  # 57 B x 10 M + 15 x 4 B x 1 M held
     630
     """
-    residue = int(HEAP_RESIDUE_FRACTION * (window_bytes + (activation_bytes or 0)))
+    residue = int(heap_residue * (window_bytes + (activation_bytes or 0)))
     held = voxels * bytes_per_value * (num_classes + in_channels) + residue
     single = resample_dtype == "float32"
     resample = FLOAT32_RESAMPLE_BYTES_PER_ORIGINAL_VOXEL if single else RESAMPLE_BYTES_PER_ORIGINAL_VOXEL
@@ -222,6 +243,7 @@ def plan_stitching(
     parameter_bytes: int = 0,
     estimate_margin: float = ESTIMATE_MARGIN,
     resample_dtype: str = "float64",
+    heap_residue: float = HEAP_RESIDUE_FRACTION,
 ) -> StitchPlan:
     """Decide where to stitch one case (see the module docstring). Pure arithmetic plus the two budgets.
 
@@ -246,6 +268,7 @@ def plan_stitching(
         parameter_bytes: the network's parameters, added to ``runtime_gib`` (a feature_size-48 model: 250 MB).
         estimate_margin: fraction added to the modelled host peak (:data:`ESTIMATE_MARGIN`).
         resample_dtype: what the resampling to ``pixdim`` and its inversion compute in (:func:`host_steps`).
+        heap_residue: what the network step leaves held, as :func:`host_steps` (:func:`network_activation_bytes`).
 
     Raises:
         MemoryPlanError: the stitching fits neither on the device nor in host RAM (sizes and budgets named).
@@ -293,7 +316,9 @@ def plan_stitching(
             f"and, with the image and its label map on the host ({_gib(need)} at the {step}), more than the host "
             f"has ({_gib(host_budget)} available after a {host_margin:.0%} margin). {not_started}"
         )
-    steps = host_steps(voxels, num_classes, n, stitch, window, activations, in_channels, b, resample_dtype)
+    steps = host_steps(
+        voxels, num_classes, n, stitch, window, activations, in_channels, b, resample_dtype, heap_residue
+    )
     step = max(steps, key=steps.__getitem__)
     need = int((runtime + steps[step]) * grow)
     peak = (
@@ -310,18 +335,33 @@ def plan_stitching(
     )
 
 
-def _attention_bytes(network: Any) -> int:
-    """Activation bytes per window voxel of ``network``: the SDPA figure when all its window attentions are
-    :class:`custom.networks.options.SDPAWindowAttention`, else (MONAI's own, or unknown: ONNX) the larger one."""
+def network_activation_bytes(network: Any) -> tuple[int, float]:
+    """Host bytes per window voxel of ``network``'s forward on the CPU, and the fraction left held after it.
+
+    ONNX Runtime (an :class:`custom.networks.runtimes.OnnxRuntimePredictor` in ``network``):
+    :data:`ONNX_ACTIVATION_BYTES_PER_VOXEL`, all of it held. Swin UNETR with every window attention an
+    :class:`custom.networks.options.SDPAWindowAttention`: the SDPA figure at its feature size (the smallest
+    attention's ``dim``), :data:`HEAP_RESIDUE_FRACTION` held. Otherwise (MONAI's own attention, or a network
+    this cannot read): :data:`ACTIVATION_BYTES_PER_VOXEL` (measured at feature sizes 12 and 24) or, where the
+    SDPA figure at that size is larger, that figure plus MONAI's measured excess over SDPA at 12 (700 B; not
+    measured at 48).
+    """
     from monai.networks.nets.swin_unetr import WindowAttention
 
     from custom.networks.options import SDPAWindowAttention
+    from custom.networks.runtimes import OnnxRuntimePredictor
 
     modules = list(network.modules()) if isinstance(network, torch.nn.Module) else []
+    if any(isinstance(m, OnnxRuntimePredictor) for m in modules):
+        return ONNX_ACTIVATION_BYTES_PER_VOXEL, 1.0
     attention = [m for m in modules if isinstance(m, WindowAttention)]
+    dims = [int(getattr(m, "dim", 0)) for m in attention]
+    feature_size = min(dims) if dims and min(dims) > 0 else 12
+    sdpa = max(SDPA_ACTIVATION_BYTES_PER_VOXEL, SDPA_ACTIVATION_BYTES_PER_FEATURE * feature_size)
     if attention and all(isinstance(m, SDPAWindowAttention) for m in attention):
-        return SDPA_ACTIVATION_BYTES_PER_VOXEL
-    return ACTIVATION_BYTES_PER_VOXEL
+        return sdpa, HEAP_RESIDUE_FRACTION
+    excess = ACTIVATION_BYTES_PER_VOXEL - SDPA_ACTIVATION_BYTES_PER_VOXEL
+    return max(ACTIVATION_BYTES_PER_VOXEL, sdpa + excess), HEAP_RESIDUE_FRACTION
 
 
 def _resample_dtype(inputs: Any) -> str:
@@ -383,6 +423,7 @@ class PlannedSlidingWindowInferer(SlidingWindowInferer):
         if original is not None:
             original = torch.as_tensor(original).reshape(-1, inputs.ndim - 2)[0]
             original_voxels = int(torch.prod(original).item())
+        activation_bytes, heap_residue = network_activation_bytes(network)
         plan = plan_stitching(
             tuple(inputs.shape[2:]),
             self.num_classes,
@@ -395,9 +436,10 @@ class PlannedSlidingWindowInferer(SlidingWindowInferer):
             device_reserve_gib=self.device_reserve_gib,
             host_margin=self.host_margin,
             name=str(source),
-            activation_bytes_per_voxel=_attention_bytes(network),
+            activation_bytes_per_voxel=activation_bytes,
             parameter_bytes=_parameter_bytes(network),
             resample_dtype=_resample_dtype(inputs),
+            heap_residue=heap_residue,
         )
         self.last_plan = plan
         (logger.warning if plan.on_cpu and self.network_device.type != "cpu" else logger.info)(plan.message)
