@@ -75,8 +75,6 @@ class TrainingPreempted(SystemExit):
 
 #: scheduler state that moves with training, not set by the config
 _PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "verbose", "_is_initial"}
-#: recipe entries that do not describe the network or the data
-_NOT_COMPARED = {"format", "bundle", "version"}
 
 
 def _copy_into(src: Path, f: Any) -> None:
@@ -457,16 +455,17 @@ class TrainingCheckpoint:
             return self.previous, ckpt
 
     def _check_recipe(self, source: Path, saved: Any) -> None:
-        """Refuse a network or data value that differs from the checkpoint's recipe, naming both values."""
+        """Refuse a network or data value that differs from the checkpoint's recipe, naming both values.
+
+        Compared by config id (``custom.networks.recipe.RESUME_KEYS``), whichever recipe format the checkpoint
+        holds; the schedule and the augmentation may change at a resume (logged by ``_apply_config_values``).
+        """
         if not isinstance(saved, Mapping) or not self.recipe:
             return
-        from custom.networks.recipe import _same
+        from custom.networks.recipe import RESUME_KEYS, recipe_values, same_value
 
-        diffs = [
-            (k, saved[k], v)
-            for k, v in self.recipe.items()
-            if k in saved and k not in _NOT_COMPARED and not _same(saved[k], v)
-        ]
+        before, now = recipe_values(saved, RESUME_KEYS), recipe_values(self.recipe, RESUME_KEYS)
+        diffs = [(k, before[k], v) for k, v in now.items() if k in before and not same_value(before[k], v)]
         if not diffs:
             return
         said = "; ".join(f"{k}={r!r} (this run: {k}={v!r})" for k, r, v in diffs)
@@ -498,7 +497,7 @@ class TrainingCheckpoint:
 
     def _apply_config_values(self, fresh: Mapping[str, Any], source: Path, saved_max: Any, max_epochs: int) -> None:
         """Put this run's learning rate, hyperparameters and schedule length back where the checkpoint differs."""
-        from custom.networks.recipe import _same
+        from custom.networks.recipe import same_value as _same
 
         optimizer, scheduler = self.save_dict.get("optimizer"), self.save_dict.get("lr_scheduler")
         changes: list[str] = []

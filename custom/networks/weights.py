@@ -223,11 +223,12 @@ def _state_of(checkpoint: object) -> object:
 
 def _record_of(checkpoint: object) -> tuple[bool | None, str]:
     """(legacy_merging the file was trained with, or None when unknown; why) from a loaded weight file."""
-    from custom.networks.recipe import RECIPE_KEY
+    from custom.networks.recipe import RECIPE_KEY, recipe_values
 
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
-    if isinstance(recipe, Mapping) and isinstance(recipe.get("legacy_merging"), bool):
-        return recipe["legacy_merging"], f"recorded in the file by {recipe.get('bundle')} {recipe.get('version')}"
+    recorded = recipe_values(recipe).get("legacy_merging") if isinstance(recipe, Mapping) else None
+    if isinstance(recorded, bool):
+        return recorded, f"recorded in the file by {recipe.get('bundle')} {recipe.get('version')}"
     state = _state_of(checkpoint)
     if isinstance(state, Mapping) and f"{_RELEASED_PREFIX}patch_embed.proj.weight" in state:
         return True, "released layout without a merging-order record: the paper's release, trained with MONAI < 1.5"
