@@ -245,7 +245,7 @@ def test_train_json_keeps_softmax_dice_ce_for_exclusive_classes(tmp_path):
 
 def test_an_unknown_crop_is_refused_by_name():
     with pytest.raises(ValueError, match="Augmentation.crop must be 'pos_neg' or 'random', got 'centre'"):
-        Augmentation("centre")
+        Augmentation(crop="centre")
 
 
 def test_every_task_has_a_finite_stated_training_length():
