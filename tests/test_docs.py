@@ -156,3 +156,5 @@ def test_packaged_bundle_carries_the_operations_guide_and_its_links_work(tmp_pat
     assert inside and not broken_links(
         "\n".join(f"[x]({link})" for link in inside), "swin_unetr_btcv/docs/README.md", files.get
     )
+    for rel in SHARED_DOCS.values():  # a shared document links nothing the archive lacks
+        assert not broken_links(files[f"swin_unetr_btcv/{rel}"], f"swin_unetr_btcv/{rel}", files.get)
