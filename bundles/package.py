@@ -5,9 +5,12 @@
     python -m bundles download swin_unetr_btcv --index <file or URL of model_info.json> --bundle_dir ./bundles [--version 0.1.0]
 
 ``package`` writes ``<name>_v<version>.zip`` holding the bundle folder with a real copy of ``custom/``
-(the link is followed), nothing from outside it, no caches or run outputs, and only the files under
-``models/`` named with ``--include``. It is byte-for-byte reproducible: entries sorted, fixed
-timestamps and permissions, fixed compression level. Its sha256 is printed.
+(the link is followed), no caches or run outputs, and only the files under ``models/`` named with
+``--include``. From outside the bundle it adds only the repository's documents that the bundle's
+``docs/README.md`` links (``SHARED_DOCS``: the operations guide), as ``docs/operations.md`` beside the
+README, whose links to them are pointed at those copies, so they work in the unpacked archive too. It
+is byte-for-byte reproducible: entries sorted, fixed timestamps and permissions, fixed compression
+level. Its sha256 is printed.
 
 ``index`` writes the model zoo's ``model_info.json`` layout, keyed ``<name>_v<version>``, each with
 ``source`` (the archive's URL) and ``checksum`` (sha256), so a team can serve bundles from a URL it
@@ -23,17 +26,22 @@ import argparse
 import hashlib
 import json
 import os
+import posixpath
 import sys
 import urllib.request
 import zipfile
 from pathlib import Path
 
-__all__ = ["package_bundle", "write_index", "download_bundle", "main"]
+__all__ = ["package_bundle", "packaged_readme", "write_index", "download_bundle", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 #: never packaged: caches, editor files, run outputs (models/ only with --include)
 EXCLUDED_PARTS = {"__pycache__", ".pytest_cache", "outputs", "eval", ".ipynb_checkpoints"}
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+#: repository documents each archive carries, linked from the bundle README as ``../../<path>``:
+#: path in the repository -> path in the bundle
+SHARED_DOCS = {"docs/operations.md": "docs/operations.md"}
+BUNDLE_README = "docs/README.md"
 
 
 def _files(bundle: Path, include: list[str]) -> list[tuple[str, Path]]:
@@ -55,6 +63,38 @@ def _files(bundle: Path, include: list[str]) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
+def _shared_docs(bundle: Path, packaged: set[str]) -> list[tuple[str, Path]]:
+    """(archive name, file) of each ``SHARED_DOCS`` entry the bundle does not hold itself.
+
+    Raises:
+        FileNotFoundError: the repository lacks one of them (the README's links would lead nowhere).
+    """
+    extra = []
+    for repo_path, rel in SHARED_DOCS.items():
+        if rel in packaged:  # an unpacked archive packaged again already holds its copy
+            continue
+        source = REPO / repo_path
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"{source}: not found; {bundle.name}/{BUNDLE_README} links it and every archive carries it"
+            )
+        extra.append((rel, source))
+    return extra
+
+
+def packaged_readme(text: str) -> str:
+    """The bundle README as archived: links to a ``SHARED_DOCS`` document point at its copy in the bundle.
+
+    Example:
+        >>> packaged_readme("[guide](../../docs/operations.md#many-nodes)")
+        '[guide](operations.md#many-nodes)'
+    """
+    for repo_path, rel in SHARED_DOCS.items():
+        target = posixpath.relpath(rel, posixpath.dirname(BUNDLE_README))
+        text = text.replace(f"](../../{repo_path})", f"]({target})").replace(f"](../../{repo_path}#", f"]({target}#")
+    return text
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -68,8 +108,12 @@ def package_bundle(
 ) -> Path:
     """Write the reproducible archive of ``bundle_dir`` into ``out_dir``; returns its path.
 
+    The archive holds the bundle (``custom/`` followed), the ``SHARED_DOCS`` its README links, and the
+    README with those links pointed at the copies (:func:`packaged_readme`).
+
     Raises:
-        FileNotFoundError: no ``configs/metadata.json``, or an ``include`` file is missing.
+        FileNotFoundError: no ``configs/metadata.json``, an ``include`` file is missing, or the repository
+            lacks a ``SHARED_DOCS`` document.
         ValueError: ``custom/`` is missing or the bundle's metadata has no version.
     """
     bundle = Path(bundle_dir).resolve()
@@ -86,12 +130,17 @@ def package_bundle(
     out.mkdir(parents=True, exist_ok=True)
     archive = out / f"{name}_v{version}.zip"
     tmp = archive.with_suffix(".zip.tmp")
+    files = _files(bundle, include or [])
+    files = sorted(files + _shared_docs(bundle, {rel for rel, _ in files}))
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for rel, path in _files(bundle, include or []):
+        for rel, path in files:
             info = zipfile.ZipInfo(f"{name}/{rel}", date_time=FIXED_TIME)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, path.read_bytes(), compresslevel=9)
+            data = path.read_bytes()
+            if rel == BUNDLE_README:
+                data = packaged_readme(data.decode("utf-8")).encode("utf-8")
+            zf.writestr(info, data, compresslevel=9)
     os.replace(tmp, archive)
     return archive
 

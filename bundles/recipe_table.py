@@ -128,14 +128,15 @@ def _msd_tables() -> list[str]:
     for name in names:
         task = TASKS[name]
         lines.append(f"| {name} | " + " | ".join(_cell(i, _task_value(task, i)) for i in ids) + " |")
-    lines += ["", "| config id | tasks | source |", "|---|---|---|"]
+    lines += ["", "| config id | source (tasks) |", "|---|---|"]
     for config_id in ids:
         groups: dict[str, list[str]] = {}
         for name in names:
             groups.setdefault(TASKS[name].sources.get(config_id, "our choice"), []).append(name)
-        for source, tasks in groups.items():
-            said = "all" if len(tasks) == len(names) else ", ".join(tasks)
-            lines.append(f"| `{config_id}` | {said} | {source} |")
+        said = "; ".join(
+            source if len(tasks) == len(names) else f"{source} ({', '.join(tasks)})" for source, tasks in groups.items()
+        )
+        lines.append(f"| `{config_id}` | {said} |")
     return lines
 
 
