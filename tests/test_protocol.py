@@ -275,7 +275,7 @@ def test_tta_values_and_their_refusals():
 
 
 def test_load_ensemble_reads_both_weight_layouts_and_names_a_bad_file(tmp_path):
-    from custom.engines.checkpoint import CheckpointError
+    from custom.networks.weight_files import CheckpointError
 
     a, b = _net(5), _net(6)
     torch.save(a.state_dict(), tmp_path / "a.pt")

@@ -321,7 +321,7 @@ def validation_handlers(ckpt_dir: str, output_dir: str, network: torch.nn.Module
     """Validation during training: save the best ``model.pt`` (with its recipe), log the metric."""
     from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
-    from custom.engines.checkpoint import BestModelSaver
+    from custom.engines.checkpoint_files import BestModelSaver
 
     return [
         BestModelSaver(ckpt_dir, network, filename="model.pt", recipe=recipe),
@@ -490,7 +490,7 @@ def model_handlers(
     from ignite.handlers import ProgressBar
     from monai.handlers import StatsHandler
 
-    from custom.engines.checkpoint import ModelLoader
+    from custom.engines.checkpoint_files import ModelLoader
     from custom.networks.weights import verified_path
 
     logs = [StatsHandler(iteration_log=False), ProgressBar(desc=desc)]
