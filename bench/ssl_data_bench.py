@@ -202,7 +202,8 @@ def measure(spec: dict) -> dict:
     from monai.data import CacheDataset, DataLoader, Dataset
     from monai.utils import set_determinism
 
-    from custom.data.ssl_corpus import MemmapCropDataset, preprocess_corpus
+    from custom.data.ssl_dataset import MemmapCropDataset
+    from custom.data.ssl_preprocess import preprocess_corpus
 
     sampler = MemorySampler()
     sampler.start()
