@@ -15,7 +15,7 @@ inference.json of then, which is what inference.json now holds.)
 
 Per run: wall time of the command, peak RSS of its process (``ru_maxrss``), and the files written; then the
 two label maps compared voxel for voxel, and the plan's host estimate (as the planned run logged it, and as
-:func:`custom.segmentation.memory_plan.plan_stitching` computes it here) next to the measured peak, with
+:func:`custom.inference.memory_plan.plan_stitching` computes it here) next to the measured peak, with
 their ratio (``plan_logged_vs_peak``: at least 1 when the plan covers the run). The plan
 for a full 600-slice volume is given as arithmetic (``plan_600_estimate``), not measured, when ``--z`` is
 smaller. With roi 96 and 2 CPU cores a window costs about 10 s at feature_size 12 (more when the machine
@@ -106,7 +106,7 @@ def main() -> None:
     import torch
     from monai.networks.nets import SwinUNETR
 
-    from custom.segmentation.memory_plan import plan_stitching
+    from custom.inference.memory_plan import plan_stitching
 
     work = Path(tempfile.mkdtemp(prefix="big_volume_"))
     inp, ckpt = work / "in", work / "models"

@@ -13,7 +13,7 @@ weights, feature_size 12 (``--full``: 48), or the weights in ``--weights`` (a ``
 wrote); ROI 96^3, ``sw_batch_size`` 4, gaussian blending, ``--overlap`` (the bundles' 0.5 by default).
 
 Rows (``--rows``), each in a fresh process (so peak RSS is its own): ``no_crop`` (MONAI's
-``SlidingWindowInferer`` on the whole image), ``body_crop`` (``custom.segmentation.body_crop.
+``SlidingWindowInferer`` on the whole image), ``body_crop`` (``custom.inference.body_crop.
 BodyCropInferer`` around the same inferer, the default ``tiling="aligned"``: the whole image's windows
 that meet the body box) and ``body_crop_box`` (``tiling="box"``: the body box tiled afresh). Each row
 reports windows run, seconds per volume (the inferer call, body detection included, after one
@@ -114,7 +114,7 @@ def run_row(row: str, image_path: str, labels_path: str, args: dict) -> dict:
     """One row in its own process: segment the image, save the label map, report windows, time, memory."""
     from monai.inferers import SlidingWindowInferer
 
-    from custom.segmentation.body_crop import BodyCropInferer
+    from custom.inference.body_crop import BodyCropInferer
 
     device = torch.device(args["device"])
     image = torch.load(image_path).to(device)
@@ -198,7 +198,7 @@ def crop_counts(image: torch.Tensor, overlap: float, margin: int, fov_mm: float 
     """Windows without the crop and with each tiling for ``image`` padded in-plane to ``fov_mm`` (counted, not run)."""
     from monai.inferers import SlidingWindowInferer
 
-    from custom.segmentation.body_crop import BodyCropInferer, count_windows, roi_box, window_box
+    from custom.inference.body_crop import BodyCropInferer, count_windows, roi_box, window_box
 
     padded = pad_fov(image, fov_mm)
     spatial = tuple(padded.shape[2:])

@@ -124,8 +124,8 @@ class Timed(torch.nn.Module):
 
 def run_row(row: str, image_path: str, feature_size: int) -> dict:
     """One row in its own process: the bundle's inferer over the image, timed; windows, memory."""
+    from custom.inference.body_crop import count_windows
     from custom.networks.runtimes import OnnxRuntimePredictor
-    from custom.segmentation.body_crop import count_windows
     from custom.segmentation.pipeline import sliding_window
     from custom.segmentation.task import TaskRecipe
 

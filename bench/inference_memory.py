@@ -12,7 +12,7 @@ process's peak RSS is read (``VmHWM`` of ``/proc/self/status``) and reset (``ech
 so each step's peak is exact, not sampled. A nested step (the inverse of ``Spacingd`` inside ``Invertd``)
 is its own step; the rest of its parent is the parent's. Per step: peak RSS, RSS at its end, and its peak
 above the RSS at its start; then, over the sizes, those peaks fitted as ``a + b x original voxels`` (bytes
-per original voxel: what :mod:`custom.segmentation.memory_plan` takes as its measured constants). RSS
+per original voxel: what :mod:`custom.inference.memory_plan` takes as its measured constants). RSS
 figures do not depend on the machine's load; the wall times in the file do (another benchmark may share
 the cores). ``--resample_dtype float32`` measures the pipeline with its ``Spacingd`` computing in float32
 instead of MONAI's default float64 (patched in the measured process only; the bundle is not changed).
@@ -102,10 +102,10 @@ def child(spec_file: str) -> None:
     import monai.transforms.compose as compose
     from monai.bundle import run
 
-    from custom.segmentation import memory_plan
-    from custom.segmentation.dicom_seg import CaseDicomSeg
-    from custom.segmentation.preview import CasePreview
-    from custom.segmentation.statistics import CaseStatistics
+    from custom.inference import memory_plan
+    from custom.inference.dicom_seg import CaseDicomSeg
+    from custom.inference.preview import CasePreview
+    from custom.inference.statistics import CaseStatistics
 
     if spec.get("resample_dtype", "float64") != "float64":  # the pipeline's Spacingd at another dtype
         import torch

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from custom.inference.ensemble import ALL_FLIPS, EnsemblePredictor, ensemble_predictor, load_ensemble, tta_flips
 from custom.segmentation.cv_summary import cv_summary
-from custom.segmentation.ensemble import ALL_FLIPS, EnsemblePredictor, ensemble_predictor, load_ensemble, tta_flips
 from custom.segmentation.folds import (
     SplitsError,
     case_id,
