@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -45,8 +43,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "ct_sample" / "ct_full.nii.gz"
+from bench.child import add_child_option, peak_rss_gib, run_child, serve_child
+from bench.common import SAMPLE_DIR
+
+SAMPLE = SAMPLE_DIR / "ct_full.nii.gz"
 PIXDIM = (1.5, 1.5, 2.0)
 WINDOW = (-175.0, 250.0)
 ROI = (96, 96, 96)
@@ -139,7 +139,7 @@ def run_row(row: str, image_path: str, labels_path: str, args: dict) -> dict:
         "windows": net.windows,
         "seconds": round(seconds, 2),
         "seconds_per_window": round(seconds / max(net.windows, 1), 3),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gib": peak_rss_gib(),
     }
     if device.type == "cuda":
         result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -231,7 +231,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, no_crop first; of {ROWS}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    add_child_option(parser)
     args = parser.parse_args()
+    if args.child:
+        serve_child(args.child, lambda s: run_row(s["row"], s["image_path"], s["labels_path"], s["args"]))
+        return
     args.rows = args.rows.split(",")
     if args.rows[0] != "no_crop" or not set(args.rows) <= set(ROWS):
         parser.error(f"--rows {args.rows}: no_crop first, then any of {ROWS[1:]}")
@@ -272,11 +276,10 @@ def main() -> None:
             "overlap": args.overlap,
             "margin": args.margin,
         }
-        context = multiprocessing.get_context("spawn")
         labels = {}
         for row in args.rows:
-            with context.Pool(1, maxtasksperchild=1) as pool:
-                rows[row] = pool.apply(run_row, (row, image_path, f"{tmp}/{row}.pt", run_args))
+            spec = {"row": row, "image_path": image_path, "labels_path": f"{tmp}/{row}.pt", "args": run_args}
+            rows[row] = run_child("bench.body_crop_bench", spec, check=True, echo=True).result
             labels[row] = torch.load(f"{tmp}/{row}.pt")[0]
             print(f"{row}: {rows[row]}", flush=True)
     result["rows"] = rows
