@@ -133,7 +133,7 @@ class TrainingCheckpoint:
         self.resume = resume
         self.save_interval = int(save_interval)
         self.validator = validator
-        self.protect = tuple(protect)
+        self.protect = self.files.protect
         self.recipe = recipe
         self.checkpoint_interval = checkpoint_interval
         self.accept_mismatch = accept_mismatch
