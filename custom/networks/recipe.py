@@ -36,7 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.nets.swin_unetr import PatchMerging
 
+from custom.networks.options import LegacyPatchMerging
+from custom.networks.weight_files import read_weights
 from custom.utils import require_bool
 
 __all__ = [
@@ -48,7 +51,7 @@ __all__ = [
     "read_recipe",
     "check_recipe",
     "loads_recipe_files",
-    "task_from_weights",
+    "same_value",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,10 +74,6 @@ def legacy_merging_of(network: torch.nn.Module) -> bool | None:
     >>> legacy_merging_of(SwinUNETR(1, 2, feature_size=12))
     False
     """
-    from monai.networks.nets.swin_unetr import PatchMerging
-
-    from custom.networks.options import LegacyPatchMerging
-
     kinds = {type(m) for m in network.modules()}
     if LegacyPatchMerging in kinds:
         return True
@@ -144,8 +143,6 @@ def read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a legacy (non-zip) file cannot be memory-mapped; a damaged one is named in one line
-        from custom.engines.checkpoint import read_weights
-
         checkpoint = read_weights(Path(path))
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
     if not isinstance(recipe, Mapping):
@@ -157,9 +154,15 @@ def read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
     return dict(recipe)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two recipe or config values are the same: sequences element by element (a tuple equals a list),
+    numbers to a relative 1e-6, None and bools by ``is`` or ``==``.
+
+    >>> same_value((1.5, 1.5, 2.0), [1.5, 1.5, 2.0000001]), same_value(None, 0)
+    (True, False)
+    """
     if isinstance(a, Sequence) and not isinstance(a, str) and isinstance(b, Sequence) and not isinstance(b, str):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
         return a is b or a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -202,7 +205,7 @@ def check_recipe(
             f"{path}: no recipe; using the config's values: " + ", ".join(f"{k}={v!r}" for k, v in config.items())
         )
         return dict(recipe)
-    diffs = [(k, recipe[k], v) for k, v in config.items() if k in recipe and not _same(recipe[k], v)]
+    diffs = [(k, recipe[k], v) for k, v in config.items() if k in recipe and not same_value(recipe[k], v)]
     if diffs:
         said = "; ".join(f"{k}={r!r}, the config says {k}={v!r}" for k, r, v in diffs)
         text = f"{path} was trained with {said}"
@@ -241,52 +244,3 @@ def loads_recipe_files(network: torch.nn.Module) -> torch.nn.Module:
     """
     network.register_load_state_dict_pre_hook(_unwrap_recipe_file)
     return network
-
-
-def task_from_weights(
-    recipe: Mapping[str, Any], dataset_dir: str | os.PathLike | None = None, check_dataset: bool = False
-) -> Any:
-    """The MSD task recipe (``custom.segmentation.msd.TaskRecipe``) for inference or evaluation of trained weights.
-
-    With a recipe, the task comes from the weights alone: channels, classes, spacing, ROI and intensity
-    window, so a trained model deploys without the task folder. Without one (older weights), the task
-    folder's ``dataset.json`` is read as before (``custom.segmentation.msd.load_task``).
-
-    Args:
-        recipe: from :func:`read_recipe`.
-        dataset_dir: the MSD task folder; needed only without a recipe, or with ``check_dataset``.
-        check_dataset: also read ``dataset_dir`` and refuse when its task (channels, class names) is not the
-            one the weights were trained on (evaluation scores the weights on that data).
-
-    Raises:
-        custom.segmentation.msd.TaskError: no recipe and no readable task folder.
-        RecipeMismatchError: ``check_dataset`` and the folder holds another task.
-    """
-    from dataclasses import fields
-
-    from custom.segmentation.msd import load_task
-    from custom.segmentation.task import TaskRecipe
-
-    saved = recipe.get("task") if recipe else None
-    if not isinstance(saved, Mapping):
-        return load_task(dataset_dir)  # type: ignore[arg-type]
-    names = {f.name for f in fields(TaskRecipe)}
-    values = {k: v for k, v in saved.items() if k in names}
-    # the values the training actually used (its command line may have overridden the task table's)
-    values.update({k: recipe[k] for k in ("in_channels", "pixdim", "roi_size", "region_based") if k in recipe})
-    for key in ("pixdim", "roi_size", "window", "class_names"):
-        if values.get(key) is not None:
-            values[key] = tuple(values[key])
-    task = TaskRecipe(**values)
-    if check_dataset:
-        data = load_task(dataset_dir)  # type: ignore[arg-type]
-        diffs = [
-            (k, getattr(task, k), getattr(data, k))
-            for k in ("name", "in_channels", "class_names")
-            if getattr(task, k) != getattr(data, k)
-        ]
-        if diffs:
-            said = "; ".join(f"{k} {a!r}, the data's dataset.json {b!r}" for k, a, b in diffs)
-            raise RecipeMismatchError(f"the weights were trained on another task: {said} ({dataset_dir})")
-    logger.info(f"MSD task {task.name} from the weights' recipe (no task folder needed)")
-    return task

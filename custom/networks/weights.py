@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from monai.networks.utils import copy_model_state
 
+from custom.networks.options import downsample_option
+from custom.networks.recipe import RECIPE_KEY, legacy_merging_of
 from custom.utils import bare_module, require_bool
 
 __all__ = [
@@ -223,8 +225,6 @@ def _state_of(checkpoint: object) -> object:
 
 def _record_of(checkpoint: object) -> tuple[bool | None, str]:
     """(legacy_merging the file was trained with, or None when unknown; why) from a loaded weight file."""
-    from custom.networks.recipe import RECIPE_KEY
-
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
     if isinstance(recipe, Mapping) and isinstance(recipe.get("legacy_merging"), bool):
         return recipe["legacy_merging"], f"recorded in the file by {recipe.get('bundle')} {recipe.get('version')}"
@@ -313,8 +313,6 @@ def downsample_for(
     :func:`resolve_legacy_merging` then ``custom.networks.options.downsample_option``; the bundles' train configs
     call it from ``network_def`` so that the order is settled before the network is built.
     """
-    from custom.networks.options import downsample_option
-
     return downsample_option(resolve_legacy_merging(legacy_merging, pretrained_path, accept_mismatch))
 
 
@@ -340,8 +338,6 @@ def load_swinvit_weights(
             no encoder tensor at all (the message lists what is missing or mis-shaped); or the network's
             merging order is not the file's (the message names ``legacy_merging``).
     """
-    from custom.networks.recipe import legacy_merging_of
-
     path = os.fspath(path)
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     recorded, why = _record_of(loaded)

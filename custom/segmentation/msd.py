@@ -20,11 +20,12 @@ sources of every value are listed in the bundle's ``docs/README.md``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 from collections.abc import Hashable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ import torch
 from monai.transforms import MapTransform
 
 from custom.data.inputs import read_datalist
+from custom.networks.recipe import RecipeMismatchError
+from custom.segmentation.folds import case_id, fold_datalist, round_robin_splits
 from custom.segmentation.task import BRATS21_AUGMENTATION, MIN_ITERATIONS, TaskRecipe
 
 __all__ = [
@@ -47,7 +50,10 @@ __all__ = [
     "MSD_TRAINING_CASES",
     "default_max_iterations",
     "metadata_for_task",
+    "task_from_weights",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: BraTS evaluation regions from MSD Task01 labels (1 edema, 2 non-enhancing tumour, 3 enhancing tumour)
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {
@@ -225,8 +231,6 @@ def msd_datalist(
     checkpoints stay in ``ckpt_dir``). ``section="labelled"`` gives every case of ``training`` (all folds),
     ``"test"`` the unlabelled ``test`` images. Paths become absolute.
     """
-    from custom.segmentation.folds import case_id, fold_datalist, round_robin_splits
-
     folder = Path(dataset_dir)
     meta = _read_dataset_json(folder)
     if section == "test":
@@ -312,3 +316,47 @@ def metadata_for_task(meta: dict, recipe: TaskRecipe) -> dict:
     )
     meta["task"] = f"MSD {recipe.name} segmentation"
     return meta
+
+
+def task_from_weights(
+    recipe: Mapping[str, Any], dataset_dir: str | os.PathLike | None = None, check_dataset: bool = False
+) -> Any:
+    """The MSD task recipe (``custom.segmentation.task.TaskRecipe``) for inference or evaluation of trained weights.
+
+    With a recipe, the task comes from the weights alone: channels, classes, spacing, ROI and intensity
+    window, so a trained model deploys without the task folder. Without one (older weights), the task
+    folder's ``dataset.json`` is read as before (:func:`load_task`).
+
+    Args:
+        recipe: from :func:`custom.networks.recipe.read_recipe`.
+        dataset_dir: the MSD task folder; needed only without a recipe, or with ``check_dataset``.
+        check_dataset: also read ``dataset_dir`` and refuse when its task (channels, class names) is not the
+            one the weights were trained on (evaluation scores the weights on that data).
+
+    Raises:
+        TaskError: no recipe and no readable task folder.
+        RecipeMismatchError: ``check_dataset`` and the folder holds another task.
+    """
+    saved = recipe.get("task") if recipe else None
+    if not isinstance(saved, Mapping):
+        return load_task(dataset_dir)  # type: ignore[arg-type]
+    names = {f.name for f in fields(TaskRecipe)}
+    values = {k: v for k, v in saved.items() if k in names}
+    # the values the training actually used (its command line may have overridden the task table's)
+    values.update({k: recipe[k] for k in ("in_channels", "pixdim", "roi_size", "region_based") if k in recipe})
+    for key in ("pixdim", "roi_size", "window", "class_names"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    task = TaskRecipe(**values)
+    if check_dataset:
+        data = load_task(dataset_dir)  # type: ignore[arg-type]
+        diffs = [
+            (k, getattr(task, k), getattr(data, k))
+            for k in ("name", "in_channels", "class_names")
+            if getattr(task, k) != getattr(data, k)
+        ]
+        if diffs:
+            said = "; ".join(f"{k} {a!r}, the data's dataset.json {b!r}" for k, a, b in diffs)
+            raise RecipeMismatchError(f"the weights were trained on another task: {said} ({dataset_dir})")
+    logger.info(f"MSD task {task.name} from the weights' recipe (no task folder needed)")
+    return task
