@@ -15,7 +15,7 @@ inference.json of then, which is what inference.json now holds.)
 
 Per run: wall time of the command, peak RSS of its process (``ru_maxrss``), and the files written; then the
 two label maps compared voxel for voxel, and the plan's host estimate (as the planned run logged it, and as
-:func:`custom.segmentation.memory_plan.plan_stitching` computes it here) next to the measured peak, with
+:func:`custom.inference.memory_plan.plan_stitching` computes it here) next to the measured peak, with
 their ratio (``plan_logged_vs_peak``: at least 1 when the plan covers the run). The plan
 for a full 600-slice volume is given as arithmetic (``plan_600_estimate``), not measured, when ``--z`` is
 smaller. With roi 96 and 2 CPU cores a window costs about 10 s at feature_size 12 (more when the machine
@@ -31,10 +31,7 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
@@ -42,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.child import add_child_option, peak_rss_mib, run_child, serve_child
+from bench.common import REPO
+
 BUNDLE = REPO / "swin_unetr_btcv"
 SPACING = (0.7, 0.7, 0.8)
 
@@ -70,9 +69,8 @@ def body_ct(xy: int, z: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def child(spec_file: str) -> None:
-    """One ``run inference`` in this process; writes wall time and peak RSS to the spec's ``result``."""
-    spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
+def child(spec: dict) -> dict:
+    """One ``run inference`` in this process (run by :func:`bench.child.run_child`): wall time and peak RSS."""
     os.chdir(BUNDLE)
     from monai.bundle import run
 
@@ -83,10 +81,7 @@ def child(spec_file: str) -> None:
     except Exception as e:  # the figures of a failed run are reported, with its error
         error = f"{type(e).__name__}: {e}"[:2000]
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    Path(spec["result"]).write_text(
-        json.dumps({"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "error": error}), encoding="utf-8"
-    )
+    return {"wall_s": round(wall, 1), "peak_rss_mib": peak_rss_mib(), "error": error}
 
 
 def main() -> None:
@@ -96,17 +91,17 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--timeout", type=int, default=290, help="seconds per run")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_child_option(parser)
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        serve_child(args.child, child)
         return
 
     import nibabel as nib
     import torch
     from monai.networks.nets import SwinUNETR
 
-    from custom.segmentation.memory_plan import plan_stitching
+    from custom.inference.memory_plan import plan_stitching
 
     work = Path(tempfile.mkdtemp(prefix="big_volume_"))
     inp, ckpt = work / "in", work / "models"
@@ -149,30 +144,10 @@ def main() -> None:
                 "feature_size": 12,
                 "overlap": args.overlap,
             },
-            "result": str(work / f"{name}.json"),
         }
-        spec_file = work / f"{name}_spec.json"
-        spec_file.write_text(json.dumps(spec), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env["PYTHONWARNINGS"] = "ignore"
-        t = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.big_volume", "--child", str(spec_file)],
-                cwd=REPO,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=args.timeout,
-            )
-            log = proc.stdout + proc.stderr
-            result = (
-                json.loads(Path(spec["result"]).read_text(encoding="utf-8")) if Path(spec["result"]).is_file() else {}
-            )
-        except subprocess.TimeoutExpired as e:
-            log = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-            result = {"error": f"timed out after {args.timeout} s"}
-        result["process_s"] = round(time.perf_counter() - t, 1)
+        run = run_child("bench.big_volume", spec, timeout=args.timeout)
+        log, result = run.log, run.result
+        result["process_s"] = round(run.seconds, 1)
         result["files"] = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         result["plan_log"] = [line.split(" - ")[-1] for line in log.splitlines() if "stitching" in line][:2]
         result["log_tail"] = log[-1500:] if result.get("error") else ""

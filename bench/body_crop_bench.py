@@ -13,7 +13,7 @@ weights, feature_size 12 (``--full``: 48), or the weights in ``--weights`` (a ``
 wrote); ROI 96^3, ``sw_batch_size`` 4, gaussian blending, ``--overlap`` (the bundles' 0.5 by default).
 
 Rows (``--rows``), each in a fresh process (so peak RSS is its own): ``no_crop`` (MONAI's
-``SlidingWindowInferer`` on the whole image), ``body_crop`` (``custom.segmentation.body_crop.
+``SlidingWindowInferer`` on the whole image), ``body_crop`` (``custom.inference.body_crop.
 BodyCropInferer`` around the same inferer, the default ``tiling="aligned"``: the whole image's windows
 that meet the body box) and ``body_crop_box`` (``tiling="box"``: the body box tiled afresh). Each row
 reports windows run, seconds per volume (the inferer call, body detection included, after one
@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -45,8 +43,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "data" / "ct_sample" / "ct_full.nii.gz"
+from bench.child import add_child_option, peak_rss_gib, run_child, serve_child
+from bench.common import SAMPLE_DIR
+
+SAMPLE = SAMPLE_DIR / "ct_full.nii.gz"
 PIXDIM = (1.5, 1.5, 2.0)
 WINDOW = (-175.0, 250.0)
 ROI = (96, 96, 96)
@@ -114,7 +114,7 @@ def run_row(row: str, image_path: str, labels_path: str, args: dict) -> dict:
     """One row in its own process: segment the image, save the label map, report windows, time, memory."""
     from monai.inferers import SlidingWindowInferer
 
-    from custom.segmentation.body_crop import BodyCropInferer
+    from custom.inference.body_crop import BodyCropInferer
 
     device = torch.device(args["device"])
     image = torch.load(image_path).to(device)
@@ -139,7 +139,7 @@ def run_row(row: str, image_path: str, labels_path: str, args: dict) -> dict:
         "windows": net.windows,
         "seconds": round(seconds, 2),
         "seconds_per_window": round(seconds / max(net.windows, 1), 3),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gib": peak_rss_gib(),
     }
     if device.type == "cuda":
         result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -198,7 +198,7 @@ def crop_counts(image: torch.Tensor, overlap: float, margin: int, fov_mm: float 
     """Windows without the crop and with each tiling for ``image`` padded in-plane to ``fov_mm`` (counted, not run)."""
     from monai.inferers import SlidingWindowInferer
 
-    from custom.segmentation.body_crop import BodyCropInferer, count_windows, roi_box, window_box
+    from custom.inference.body_crop import BodyCropInferer, count_windows, roi_box, window_box
 
     padded = pad_fov(image, fov_mm)
     spatial = tuple(padded.shape[2:])
@@ -231,7 +231,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, no_crop first; of {ROWS}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    add_child_option(parser)
     args = parser.parse_args()
+    if args.child:
+        serve_child(args.child, lambda s: run_row(s["row"], s["image_path"], s["labels_path"], s["args"]))
+        return
     args.rows = args.rows.split(",")
     if args.rows[0] != "no_crop" or not set(args.rows) <= set(ROWS):
         parser.error(f"--rows {args.rows}: no_crop first, then any of {ROWS[1:]}")
@@ -272,11 +276,10 @@ def main() -> None:
             "overlap": args.overlap,
             "margin": args.margin,
         }
-        context = multiprocessing.get_context("spawn")
         labels = {}
         for row in args.rows:
-            with context.Pool(1, maxtasksperchild=1) as pool:
-                rows[row] = pool.apply(run_row, (row, image_path, f"{tmp}/{row}.pt", run_args))
+            spec = {"row": row, "image_path": image_path, "labels_path": f"{tmp}/{row}.pt", "args": run_args}
+            rows[row] = run_child("bench.body_crop_bench", spec, check=True, echo=True).result
             labels[row] = torch.load(f"{tmp}/{row}.pt")[0]
             print(f"{row}: {rows[row]}", flush=True)
     result["rows"] = rows

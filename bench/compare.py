@@ -38,15 +38,14 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.child import ChildFailed, add_child_option, peak_rss_gib, run_child, serve_child
 from bench.common import REPO, RESULTS, SAMPLE_DIR, SIZES, cpu_name, flop_utilisation
 
 DOC = REPO / "docs" / "benchmarks.md"
@@ -67,9 +66,7 @@ def _peak_memory() -> dict:
 
     if torch.cuda.is_available():
         return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"peak_rss_gib": round(own, 2), "peak_worker_rss_gib": round(workers, 2)}
+    return {"peak_rss_gib": peak_rss_gib(), "peak_worker_rss_gib": peak_rss_gib(children=True)}
 
 
 def _workflow(bundle: str, config: str, baseline_file: str | None, workflow_type: str, overrides: dict):
@@ -81,15 +78,15 @@ def _workflow(bundle: str, config: str, baseline_file: str | None, workflow_type
     return wf
 
 
-def child_train(args: argparse.Namespace) -> dict:
+def child_train(spec: dict) -> dict:
     """One training run; crops/s over the steps after ``--warmup``."""
     import torch
     from ignite.engine import Events
 
-    bundle = "ssl" if args.part == "ssl" else "btcv"
-    baseline = {"btcv": "train.json", "ssl": "ssl_train.json"}[bundle] if args.pipeline == "baseline" else None
-    overrides = json.loads(args.overrides)
-    overrides.update(max_epochs=1, epoch_length=args.warmup + args.steps, val_interval=10**6, resume=False)
+    bundle = "ssl" if spec["part"] == "ssl" else "btcv"
+    baseline = {"btcv": "train.json", "ssl": "ssl_train.json"}[bundle] if spec["pipeline"] == "baseline" else None
+    overrides = dict(spec["overrides"])
+    overrides.update(max_epochs=1, epoch_length=spec["warmup"] + spec["steps"], val_interval=10**6, resume=False)
     wf = _workflow(bundle, "train.json", baseline, "train", overrides)
     if bundle == "ssl":
         wf.parser.get_parsed_content("prepare_corpus")()
@@ -101,7 +98,7 @@ def child_train(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     wf.run()
     crops = wf.parser.get_parsed_content("batch_size") * wf.parser.get_parsed_content("num_samples")
-    timed = stamps[args.warmup - 1 :]  # interval from the last warm-up step to the last step
+    timed = stamps[spec["warmup"] - 1 :]  # interval from the last warm-up step to the last step
     seconds = timed[-1] - timed[0]
     result = {
         "crops_per_step": crops,
@@ -111,19 +108,19 @@ def child_train(args: argparse.Namespace) -> dict:
         "startup_seconds": round(stamps[0] - start, 1),
         **_peak_memory(),
     }
-    if args.state_out:
+    if spec["state_out"]:
         net = wf.parser.get_parsed_content("network")
-        torch.save({k: v.contiguous() for k, v in net.state_dict().items()}, args.state_out)
+        torch.save({k: v.contiguous() for k, v in net.state_dict().items()}, spec["state_out"])
     return result
 
 
-def child_infer(args: argparse.Namespace) -> dict:
+def child_infer(spec: dict) -> dict:
     """Inference over the copies in ``input_dir``: seconds per volume (first one apart), windows run per volume."""
     import torch
     from ignite.engine import Events
 
-    overrides = json.loads(args.overrides)
-    baseline = "inference.json" if args.pipeline == "baseline" else None
+    overrides = dict(spec["overrides"])
+    baseline = "inference.json" if spec["pipeline"] == "baseline" else None
     wf = _workflow("btcv", "inference.json", baseline, "infer", overrides)
     evaluator = wf.parser.get_parsed_content("evaluator")
     windows = [0]
@@ -194,26 +191,24 @@ def make_data(work: Path, sample_dir: Path, copies: int) -> dict:
     return {"data": data, "infer_in": infer_in}
 
 
-def run_child(
+def child(spec: dict) -> dict:
+    """In the measurement's own process (:func:`bench.child.run_child`): one training or inference run."""
+    return child_train(spec) if spec["mode"] == "train" else child_infer(spec)
+
+
+def run_measurement(
     mode: str, part: str, pipeline: str, overrides: dict, args: argparse.Namespace, state_out: str = ""
 ) -> dict:
-    cmd = [sys.executable, "-m", "bench.compare", "--child", mode, "--part", part, "--pipeline", pipeline]
-    cmd += ["--overrides", json.dumps(overrides), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if state_out:
-        cmd += ["--state_out", state_out]
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=pythonpath)
-    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise ChildFailed(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    result = json.loads(lines[-1][len("RESULT ") :])
+    """One :func:`child` in a fresh process; its result, printed.
+
+    Raises:
+        ChildFailed: the process failed (the part records the error).
+    """
+    spec = {"mode": mode, "part": part, "pipeline": pipeline, "overrides": overrides}
+    spec.update(steps=args.steps, warmup=args.warmup, state_out=state_out)
+    result = run_child("bench.compare", spec, check=True).result
     print(f"  {part:<5} {pipeline:<8} {json.dumps(result)}", flush=True)
     return result
-
-
-class ChildFailed(RuntimeError):
-    """A measurement's process failed; its part of the result records the error."""
 
 
 def agreement(a: Path, b: Path) -> float:
@@ -266,7 +261,7 @@ def benchmark(args: argparse.Namespace, out: Path) -> dict:
                 for pipeline in runs:
                     keep = str(state) if (name, pipeline, r) == ("train", "ours", 0) else ""
                     runs[pipeline].append(
-                        run_child(mode, part, pipeline, {**common, **overrides(pipeline, r)}, args, keep)
+                        run_measurement(mode, part, pipeline, {**common, **overrides(pipeline, r)}, args, keep)
                     )
         except ChildFailed as e:  # keep measuring the other parts
             result[name] = {"error": str(e)[-2000:]}
@@ -508,16 +503,10 @@ def main() -> int:
         "--out", default="", help="result JSON (default bench/results/compare_<device>_<size>_<date>.json)"
     )
     parser.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md from bench/results/")
-    parser.add_argument("--child", choices=["train", "infer"], help=argparse.SUPPRESS)
-    parser.add_argument("--part", help=argparse.SUPPRESS)
-    parser.add_argument("--pipeline", choices=["baseline", "ours", "ours_no_crop"], help=argparse.SUPPRESS)
-    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--state_out", default="", help=argparse.SUPPRESS)
+    add_child_option(parser)
     args = parser.parse_args()
     if args.child:
-        result = child_train(args) if args.child == "train" else child_infer(args)
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
+        return serve_child(args.child, child)
     if args.report:
         print(f"wrote {write_report()}")
         return 0

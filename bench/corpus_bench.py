@@ -31,7 +31,7 @@ SAMPLE = SAMPLE_DIR / "ct_full.nii.gz"
 
 def run(copies: int, workers: list[int], pixdim: list[float] | None, project: int, sample: Path) -> dict:
     """Time ``preprocess_corpus`` over ``copies`` links to ``sample`` for each worker count."""
-    from custom.data.ssl_corpus import preprocess_corpus
+    from custom.data.ssl_preprocess import preprocess_corpus
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,10 +35,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ from pathlib import Path
 import torch
 
 from bench.body_crop_bench import ROI, SAMPLE, WINDOW, gemm_gflops, network, preprocess, window_flops
+from bench.child import add_child_option, peak_rss_gib, run_child, serve_child
 
 ROWS = ("eager_crop", "onnx_crop", "onnx_no_crop", "eager_no_crop")
 SW_BATCH_SIZE = 4
@@ -94,13 +93,6 @@ def gemm_views() -> dict:
     return {"torch": gemm_peak(), "onnxruntime_4096": ort_gemm_gflops(), "load_average": os.getloadavg()}
 
 
-def available_gib() -> float:
-    """The host's ``MemAvailable``, GiB."""
-    with open("/proc/meminfo", encoding="utf-8") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) / 2**20
-
-
 class Timed(torch.nn.Module):
     """``predictor`` that counts the windows it is given and times each batch (printed as it goes)."""
 
@@ -124,8 +116,8 @@ class Timed(torch.nn.Module):
 
 def run_row(row: str, image_path: str, feature_size: int) -> dict:
     """One row in its own process: the bundle's inferer over the image, timed; windows, memory."""
+    from custom.inference.body_crop import count_windows
     from custom.networks.runtimes import OnnxRuntimePredictor
-    from custom.segmentation.body_crop import count_windows
     from custom.segmentation.pipeline import sliding_window
     from custom.segmentation.task import task_for, with_values
 
@@ -159,7 +151,7 @@ def run_row(row: str, image_path: str, feature_size: int) -> dict:
             "seconds_per_window": round(seconds / max(timed.windows, 1), 2),
             "batch_seconds": timed.batches,
             "batch_windows": timed.sizes,
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_rss_gib": peak_rss_gib(),
             "organ_voxels": int((labels != 0).sum()),
             "gemm_after": gemm_peak(),
         }
@@ -173,46 +165,18 @@ def run_row(row: str, image_path: str, feature_size: int) -> dict:
     return result
 
 
-def _child(queue, row: str, image_path: str, feature_size: int) -> None:
+def row_or_error(spec: dict) -> dict:
+    """In the row's own process (:func:`bench.child.run_child`): :func:`run_row`, or the error that stopped it."""
     try:
-        queue.put(run_row(row, image_path, feature_size))
+        return run_row(spec["row"], spec["image_path"], spec["feature_size"])
     except Exception as e:  # noqa: BLE001
-        queue.put({"error": f"{type(e).__name__}: {str(e)[:500]}"})
+        return {"error": f"{type(e).__name__}: {str(e)[:500]}"}
 
 
 def run_in_process(row: str, image_path: str, feature_size: int) -> dict:
     """``run_row`` in a fresh process, stopped if the host runs short of memory (its peak RSS then recorded)."""
-    import queue as queues
-
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, row, image_path, feature_size))
-    process.start()
-    high_water = 0.0
-    while True:
-        try:
-            result = queue.get(timeout=0.5)
-            break
-        except queues.Empty:
-            pass
-        try:
-            with open(f"/proc/{process.pid}/status", encoding="utf-8") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM"))
-            high_water = max(high_water, int(hwm.split()[1]) / 2**20)
-        except (OSError, StopIteration):
-            pass
-        if not process.is_alive():
-            result = {"error": f"the row's process ended with exit code {process.exitcode}, no result"}
-            break
-        if available_gib() < MIN_AVAILABLE_GIB:
-            process.kill()
-            result = {
-                "error": f"stopped: the host's available memory fell below {MIN_AVAILABLE_GIB} GiB",
-                "peak_rss_gib_when_stopped": round(high_water, 2),
-            }
-            break
-    process.join()
-    return result
+    spec = {"row": row, "image_path": image_path, "feature_size": feature_size}
+    return run_child("bench.cpu_full_volume", spec, min_available_gib=MIN_AVAILABLE_GIB, echo=True).result
 
 
 def main() -> int:
@@ -226,7 +190,10 @@ def main() -> int:
         action="store_true",
         help="measure the GEMM rates (torch and ONNX Runtime) only, add them to --out's file, recompute the fractions",
     )
+    add_child_option(parser)
     args = parser.parse_args()
+    if args.child:
+        return serve_child(args.child, row_or_error)
     if args.gemm_only:
         result = json.loads(Path(args.out).read_text(encoding="utf-8"))
         result.setdefault("gemm_extra", []).append(

@@ -12,7 +12,7 @@ process's peak RSS is read (``VmHWM`` of ``/proc/self/status``) and reset (``ech
 so each step's peak is exact, not sampled. A nested step (the inverse of ``Spacingd`` inside ``Invertd``)
 is its own step; the rest of its parent is the parent's. Per step: peak RSS, RSS at its end, and its peak
 above the RSS at its start; then, over the sizes, those peaks fitted as ``a + b x original voxels`` (bytes
-per original voxel: what :mod:`custom.segmentation.memory_plan` takes as its measured constants). RSS
+per original voxel: what :mod:`custom.inference.memory_plan` takes as its measured constants). RSS
 figures do not depend on the machine's load; the wall times in the file do (another benchmark may share
 the cores). ``--resample_dtype float32`` measures the pipeline with its ``Spacingd`` computing in float32
 instead of MONAI's default float64 (patched in the measured process only; the bundle is not changed).
@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.child import add_child_option, run_child, serve_child
+from bench.common import REPO
+
 BUNDLE = REPO / "swin_unetr_btcv"
 MIB = 2**20
 
@@ -94,18 +95,17 @@ def _name(t) -> str:
     return type(t).__name__
 
 
-def child(spec_file: str) -> None:
-    """One ``run inference`` with every step measured; writes the steps to the spec's ``result``."""
-    spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
+def child(spec: dict) -> dict:
+    """One ``run inference`` with every step measured (run by :func:`bench.child.run_child`): the steps."""
     os.chdir(BUNDLE)
     steps = Steps()
     import monai.transforms.compose as compose
     from monai.bundle import run
 
-    from custom.segmentation import memory_plan
-    from custom.segmentation.dicom_seg import CaseDicomSeg
-    from custom.segmentation.preview import CasePreview
-    from custom.segmentation.statistics import CaseStatistics
+    from custom.inference import memory_plan
+    from custom.inference.dicom_seg import CaseDicomSeg
+    from custom.inference.preview import CasePreview
+    from custom.inference.statistics import CaseStatistics
 
     if spec.get("resample_dtype", "float64") != "float64":  # the pipeline's Spacingd at another dtype
         import torch
@@ -159,7 +159,7 @@ def child(spec_file: str) -> None:
         "steps": steps.steps,
         "error": error,
     }
-    Path(spec["result"]).write_text(json.dumps(result), encoding="utf-8")
+    return result
 
 
 def main() -> None:
@@ -176,10 +176,10 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=int, default=600, help="seconds per run")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_child_option(parser)
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        serve_child(args.child, child)
         return
 
     import nibabel as nib
@@ -213,27 +213,12 @@ def main() -> None:
                 "overlap": args.overlap,
                 "onnx_runtime": bool(args.onnx_runtime),
             },
-            "result": str(work / f"result_{z}.json"),
             "resample_dtype": args.resample_dtype,
         }
-        spec_file = work / f"spec_{z}.json"
-        spec_file.write_text(json.dumps(spec), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env["PYTHONWARNINGS"] = "ignore"
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.inference_memory", "--child", str(spec_file)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=args.timeout,
-        )
-        result_file = Path(spec["result"])
-        result = (
-            json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {"error": "no result"}
-        )
-        if result.get("error") or proc.returncode:
-            result["log_tail"] = (proc.stdout + proc.stderr)[-2000:]
+        run = run_child("bench.inference_memory", spec, timeout=args.timeout)
+        result = run.result
+        if result.get("error") or run.returncode:
+            result["log_tail"] = run.log[-2000:]
         result["original_shape"] = [args.xy, args.xy, z]
         result["original_voxels"] = args.xy * args.xy * z
         result["files"] = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

@@ -7,7 +7,7 @@ writing the label map with MONAI's ``SaveImage`` (what inference writes per case
 
 - ``reload``: reading the input again (``LoadImage``; what the handlers do when the items carry no copy),
   and the memory a kept copy (``CopyItemsd`` after ``LoadImaged``) would hold instead;
-- ``statistics``: :func:`custom.segmentation.statistics.label_statistics` alone, and the handler's whole
+- ``statistics``: :func:`custom.inference.statistics.label_statistics` alone, and the handler's whole
   case (reload, statistics, atomic JSON);
 - ``preview``: render and write ``<case>_preview.png``;
 - ``dicom_seg``: ct_full written as a DICOM series (ITK, one file per slice), read back by ``LoadImage``,
@@ -65,8 +65,8 @@ def main() -> None:
     from monai.data import MetaTensor
     from monai.transforms import LoadImage, SaveImage
 
-    from custom.segmentation.preview import save_preview
-    from custom.segmentation.statistics import CaseStatistics, label_statistics
+    from custom.inference.preview import save_preview
+    from custom.inference.statistics import CaseStatistics, label_statistics
 
     work = Path(tempfile.mkdtemp(prefix="outputs_cost_"))
     load = LoadImage(image_only=True, ensure_channel_first=True)
@@ -116,7 +116,7 @@ def main() -> None:
 
         import pydicom
 
-        from custom.segmentation.dicom_seg import write_dicom_seg
+        from custom.inference.dicom_seg import write_dicom_seg
 
         spec = importlib.util.spec_from_file_location("tests_conftest", REPO / "tests" / "conftest.py")
         conftest = importlib.util.module_from_spec(spec)  # the tests' DICOM writer (tests/ is no package)

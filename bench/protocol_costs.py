@@ -64,7 +64,7 @@ def main() -> None:
 
     from monai.transforms import KeepLargestConnectedComponentd
 
-    from custom.segmentation.ensemble import EnsemblePredictor, tta_flips
+    from custom.inference.ensemble import EnsemblePredictor, tta_flips
     from custom.segmentation.metrics import case_metrics
     from custom.segmentation.postprocess import KeepLargestComponentsd, LargestComponentTrial, write_decision
 

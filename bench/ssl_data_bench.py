@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPO, RESULTS
+from bench.child import add_child_option, proc_status_kib, run_child, serve_child
+from bench.common import RESULTS
 
 METHODS = {
     "a": "Dataset, decode per item",
@@ -98,17 +98,6 @@ def drop_from_page_cache(paths: list[str]) -> None:
 
 
 # -- memory ---------------------------------------------------------------------------------------
-def _status_kib(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _pss_kib(pid: int) -> tuple[int, int]:
     pss = anon = 0
     try:
@@ -147,7 +136,7 @@ class MemorySampler(threading.Thread):
     def sample(self) -> None:
         pss = anon = 0
         for pid in [self.pid] + _children(self.pid):
-            self.hwm_kib[pid] = max(self.hwm_kib.get(pid, 0), _status_kib(pid, "VmHWM"))
+            self.hwm_kib[pid] = max(self.hwm_kib.get(pid, 0), proc_status_kib("VmHWM", pid))
             p, a = _pss_kib(pid)
             pss, anon = pss + p, anon + a
         self.peak_pss_kib, self.peak_anon_kib = max(self.peak_pss_kib, pss), max(self.peak_anon_kib, anon)
@@ -202,7 +191,8 @@ def measure(spec: dict) -> dict:
     from monai.data import CacheDataset, DataLoader, Dataset
     from monai.utils import set_determinism
 
-    from custom.data.ssl_corpus import MemmapCropDataset, preprocess_corpus
+    from custom.data.ssl_dataset import MemmapCropDataset
+    from custom.data.ssl_preprocess import preprocess_corpus
 
     sampler = MemorySampler()
     sampler.start()
@@ -254,15 +244,6 @@ def measure(spec: dict) -> dict:
         "crops_per_s": round(crops / elapsed, 2),
         **memory,
     }
-
-
-def _run_child(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "bench.ssl_data_bench", "--_child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['method']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -341,11 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (and cache threads)")
     parser.add_argument("--work_dir", default=None, help="where the corpora go (default: a temporary folder)")
     parser.add_argument("--out", default=str(RESULTS / f"ssl_data_{dt.date.today()}.json"))
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    add_child_option(parser)
     args = parser.parse_args(argv)
-    if args._child:
-        print(json.dumps(measure(json.loads(args._child))))
-        return 0
+    if args.child:
+        return serve_child(args.child, measure)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ssl_data_bench_"))
     try:
@@ -353,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "script": "bench.ssl_data_bench",
             "date": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": _machine(),
-            "setup": {k: v for k, v in vars(args).items() if k not in ("_child", "out", "work_dir")},
+            "setup": {k: v for k, v in vars(args).items() if k not in ("child", "out", "work_dir")},
             "volume": f"int16 .nii.gz {'x'.join(map(str, args.shape))} voxels, 1.5 x 1.5 x 2 mm, synthetic body",
             "corpora": {},
             "ratios": {},
@@ -383,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
                 "batches": args.batches,
                 "num_workers": args.num_workers,
             }
-            runs = {"preprocess": _run_child({**spec, "method": "preprocess"})}
+            runs = {
+                "preprocess": run_child("bench.ssl_data_bench", {**spec, "method": "preprocess"}, check=True).result
+            }
             print(f"{size} vols: preprocess {runs['preprocess']}", flush=True)
             for m in "abc":
-                runs[m] = _run_child({**spec, "method": m})
+                runs[m] = run_child("bench.ssl_data_bench", {**spec, "method": m}, check=True).result
                 print(f"{size} vols: {m}. {METHODS[m]}: {runs[m]}", flush=True)
             results["corpora"][str(size)] = runs
             a, b, c = runs["a"], runs["b"], runs["c"]

@@ -187,7 +187,7 @@ def run_demo(work_dir: Path, sample_dir: Path = DEFAULT_SAMPLE_DIR) -> dict:
     print(_dice_table(metrics, hd95))
     stats = work_dir / "segmentations" / "ct_full_statistics.json"
     if stats.is_file():
-        from custom.segmentation.statistics import statistics_table
+        from custom.inference.statistics import statistics_table
 
         print("\nStatistics of the ct_full segmentation (per organ: volume from the input's voxel spacing, HU inside)")
         print(statistics_table(json.loads(stats.read_text(encoding="utf-8"))))

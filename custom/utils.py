@@ -266,8 +266,17 @@ def seed_everything(seed: int | None, rank: int | None = None) -> int | None:
     return used
 
 
-def one_line_reason(error: BaseException, limit: int = 400) -> str:
-    """The innermost cause of ``error`` as one line (MONAI wraps a reader's error in "applying transform").
+def one_line_reason(error: BaseException, limit: int = 400, innermost: bool = True) -> str:
+    """``"<type>: <message>"`` of ``error`` in one line of at most ``limit`` characters: the one error formatter.
+
+    With ``innermost`` (the default), the innermost cause is named: MONAI wraps a reader's error in "applying
+    transform", and the reader's own message is what the user can act on. ``innermost=False`` names ``error``
+    itself, for messages that already say what failed (a checkpoint read, a corpus build on another rank).
+
+    Args:
+        error: the exception to describe.
+        limit: the longest line returned (longer ones end in ``...``).
+        innermost: follow ``__cause__`` (and ``__context__``, unless suppressed) to the first error raised.
 
     >>> try:
     ...     try:
@@ -276,15 +285,21 @@ def one_line_reason(error: BaseException, limit: int = 400) -> str:
     ...         raise RuntimeError("applying transform <LoadImaged object at 0x1>") from e
     ... except RuntimeError as e:
     ...     print(one_line_reason(e))
+    ...     print(one_line_reason(e, innermost=False))
     EOFError: Compressed file ended
+    RuntimeError: applying transform <LoadImaged object at 0x1>
+    >>> one_line_reason(EOFError())
+    'EOFError: no message'
     """
     seen = set()
-    while id(error) not in seen and (
-        error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__)
+    while (
+        innermost
+        and id(error) not in seen
+        and (error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__))
     ):
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    text = " ".join(f"{type(error).__name__}: {error}".split())
+    text = f"{type(error).__name__}: {' '.join(str(error).split()) or 'no message'}"
     # ITK's messages: drop the source location, and the stale errno text it appends to a file it found but
     # could not read ("Reason: No such file or directory" for a truncated .mha)
     text = re.sub(r"\S*itk\S*\.(cxx|h|hxx):\d+: ITK ERROR: \w+\(0x[0-9a-f]+\): ", "ITK: ", text)

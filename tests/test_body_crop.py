@@ -1,4 +1,4 @@
-"""The body crop at inference (custom/segmentation/body_crop.py): a synthetic body in air, tiny sizes, CPU."""
+"""The body crop at inference (custom/inference/body_crop.py): a synthetic body in air, tiny sizes, CPU."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from monai.data import DataLoader, MetaTensor, dense_patch_slices
 from monai.engines import SupervisedEvaluator
 from monai.inferers import SimpleInferer, SlidingWindowInferer, sliding_window_inference
 
-from custom.segmentation.body_crop import (
+from custom.inference.body_crop import (
     BACKGROUND_LOGIT,
     BodyCropInferer,
     body_box,
@@ -140,7 +140,7 @@ def test_windows_skipped_output_identical_inside_background_outside(caplog, sw_b
         full = sliding(sw_batch_size=sw_batch_size)(image, net)
         full_windows, net.windows = net.windows, 0
         crop = BodyCropInferer(sliding(sw_batch_size=sw_batch_size), margin=3, outside="softmax")
-        with caplog.at_level(logging.INFO, logger="custom.segmentation.body_crop"):
+        with caplog.at_level(logging.INFO, logger="custom.inference.body_crop"):
             out = crop(image, net)
     # the body box is the ellipsoid's bounding box plus the margin (the speck in the corner is dropped)
     body = tuple(slice(b.start - 3, b.stop + 3) for b in box_of(ellipsoid()))
@@ -233,7 +233,7 @@ def test_empty_mask_falls_back_to_the_whole_image(caplog):
         full = sliding()(image, net)
         net.windows = 0
         crop = BodyCropInferer(sliding())
-        with caplog.at_level(logging.INFO, logger="custom.segmentation.body_crop"):
+        with caplog.at_level(logging.INFO, logger="custom.inference.body_crop"):
             out = crop(image, net)
     total = count_windows(SHAPE, ROI, 0.5)
     assert crop.last_box is None and crop.last_windows == (total, total) and net.windows == total
@@ -397,7 +397,7 @@ CONFIG = {
         "mode": "gaussian",
     },
     "inferer": {
-        "_target_": "custom.segmentation.body_crop.body_crop_inferer",
+        "_target_": "custom.inference.body_crop.body_crop_inferer",
         "inferer": "@sliding_window",
         "enabled": "@body_crop",
         "mode": "$'above' if @window is not None else 'nonzero'",

@@ -20,7 +20,7 @@ import torch
 from helpers import BTCV, REPO, SMALL, bundle_command
 
 from bench.big_volume import body_ct
-from custom.segmentation import memory_plan
+from custom.inference import memory_plan
 
 GIB, MIB = 2**30, 2**20
 

@@ -25,11 +25,11 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from PIL import Image
 
-from custom.segmentation import memory_plan
-from custom.segmentation.case_outputs import check_enabled
-from custom.segmentation.dicom_seg import MISSING_HIGHDICOM, CaseDicomSeg, frames_for_series, write_dicom_seg
-from custom.segmentation.preview import case_dice, choose_slices, render_preview
-from custom.segmentation.statistics import BORDER_NOTE, CSV_COLUMNS, CaseStatistics, label_statistics, statistics_table
+from custom.inference import memory_plan
+from custom.inference.case_outputs import check_enabled
+from custom.inference.dicom_seg import MISSING_HIGHDICOM, CaseDicomSeg, frames_for_series, write_dicom_seg
+from custom.inference.preview import case_dice, choose_slices, render_preview
+from custom.inference.statistics import BORDER_NOTE, CSV_COLUMNS, CaseStatistics, label_statistics, statistics_table
 from custom.utils import class_names_from_metadata
 
 NAMES = ["background", "liver", "left kidney", "tumour"]
@@ -141,7 +141,7 @@ def test_a_rerun_lists_the_skipped_cases_earlier_statistics_in_its_csv(case, tmp
 def test_the_input_is_read_once_for_both_handlers_and_released_before_the_next_case(case, monkeypatch):
     from monai.transforms import LoadImage as Loader
 
-    from custom.segmentation.preview import CasePreview
+    from custom.inference.preview import CasePreview
 
     reads = []
     call = Loader.__call__
@@ -203,9 +203,9 @@ def test_switches_refuse_strings(tmp_path):
 
 # ---------------------------------------------------------------- preview
 def test_preview_cuts_through_the_structures_at_physical_aspect_with_a_legend(sample_dir, tmp_path):
-    from custom.segmentation.case_outputs import original_image
-    from custom.segmentation.preview import CasePreview
-    from custom.segmentation.visualize import label_palette
+    from custom.inference.case_outputs import original_image
+    from custom.inference.preview import CasePreview
+    from custom.inference.visualize import label_palette
 
     source = tmp_path / "slab.nii.gz"
     shutil.copy(sample_dir / "ct_slab.nii.gz", source)
@@ -260,7 +260,7 @@ def test_evaluation_preview_has_prediction_and_label_rows_and_the_case_dice(samp
     assert case_dice(pred, labels) == both.info["dice"]
 
     # as EvaluationReport would call it on a post-processed item (image scaled to 0..1, prediction naming its file)
-    from custom.segmentation.preview import save_evaluation_preview
+    from custom.inference.preview import save_evaluation_preview
 
     loaded = LoadImage(image_only=True, ensure_channel_first=True)(str(sample_dir / "ct_slab.nii.gz"))
     item = {"image": loaded / 1000.0, "label": as_pred(labels, loaded), "pred": as_pred(pred, loaded)}

@@ -93,7 +93,7 @@ class Appended:
         pass
 
 
-def test_handlers_are_selected_per_rank_by_what_they_are_not_their_place():
+def test_handlers_are_selected_per_rank_by_what_they_are_not_their_place(tmp_path):
     from ignite.handlers import ProgressBar
     from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
@@ -103,7 +103,7 @@ def test_handlers_are_selected_per_rank_by_what_they_are_not_their_place():
         StopOnNonFiniteLoss(),
         StatsHandler(),
         Appended(),
-        TensorBoardStatsHandler(),
+        TensorBoardStatsHandler(log_dir=str(tmp_path / "runs")),  # not MONAI's default ./runs
         ProgressBar(),
     )
     handlers = [stop, stats, user, tb, bar]
@@ -112,14 +112,15 @@ def test_handlers_are_selected_per_rank_by_what_they_are_not_their_place():
     assert rank_handlers([stats, bar], rank=3) is None  # MONAI's engines take None for "no handlers"
 
 
-def test_training_handlers_attach_in_order_and_skip_the_logs_on_other_ranks(monkeypatch):
+def test_training_handlers_attach_in_order_and_skip_the_logs_on_other_ranks(tmp_path, monkeypatch):
     import torch
     from ignite.engine import Engine
 
     net = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    composite = TrainingHandlers("ckpt", "out", sched, validator=None, val_interval=1, checkpoint=Appended())
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out")  # its TensorBoard writer creates the output folder
+    composite = TrainingHandlers(ckpt, out, sched, validator=None, val_interval=1, checkpoint=Appended())
     names = [type(h).__name__ for h in composite.handlers]
     assert names == [
         "StopOnNonFiniteLoss",

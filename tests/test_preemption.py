@@ -19,7 +19,9 @@ from helpers import BTCV, TORCHRUN, btcv_overrides, bundle_command, run_bundle
 from ignite.engine import Engine, Events
 from monai.optimizers import WarmupCosineSchedule
 
-from custom.engines.checkpoint import PREEMPTED_EXIT_CODE, CheckpointError, TrainingCheckpoint, TrainingPreempted
+from custom.engines.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
+from custom.engines.training_checkpoint import TrainingCheckpoint
+from custom.networks.weight_files import CheckpointError
 from custom.utils import atomic_torch_save, remove_stale_temporaries
 
 

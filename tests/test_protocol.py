@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from custom.inference.ensemble import ALL_FLIPS, EnsemblePredictor, ensemble_predictor, load_ensemble, tta_flips
 from custom.segmentation.cv_summary import cv_summary
-from custom.segmentation.ensemble import ALL_FLIPS, EnsemblePredictor, ensemble_predictor, load_ensemble, tta_flips
 from custom.segmentation.folds import (
     SplitsError,
     case_id,
@@ -275,7 +275,7 @@ def test_tta_values_and_their_refusals():
 
 
 def test_load_ensemble_reads_both_weight_layouts_and_names_a_bad_file(tmp_path):
-    from custom.engines.checkpoint import CheckpointError
+    from custom.networks.weight_files import CheckpointError
 
     a, b = _net(5), _net(6)
     torch.save(a.state_dict(), tmp_path / "a.pt")

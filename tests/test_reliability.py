@@ -17,8 +17,8 @@ import torch
 from helpers import BTCV, REPO, SMALL, btcv_overrides, bundle_command, run_bundle, sha256
 from ignite.engine import Engine
 
-from custom.engines.checkpoint import TrainingCheckpoint
 from custom.engines.monitoring import NonFiniteLossError, StopOnNonFiniteLoss
+from custom.engines.training_checkpoint import TrainingCheckpoint
 from custom.networks.weights import load_swinvit_weights, verified_path
 from custom.utils import atomic_torch_save, atomic_write
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from custom.data.ssl_corpus import CorpusError, MemmapCropDataset, load_ssl_datalists, preprocess_corpus
+from custom.data.ssl_dataset import MemmapCropDataset
+from custom.data.ssl_preprocess import CorpusError, load_ssl_datalists, preprocess_corpus
 from custom.tools.ssl_corpus import main
 
 ROI = (16, 16, 16)
@@ -131,7 +132,7 @@ def test_preprocess_stores_cropped_volumes_and_index(dataset):
 def test_an_image_listed_twice_is_stored_once_under_its_first_section(dataset, caplog):
     twice = ["imagesTr/ct0.nii.gz", str(dataset / "imagesTr" / "ct0.nii.gz")]  # relative and absolute
     _datalist(dataset / "dl.json", twice, ["imagesTr/ct0.nii.gz", "imagesTs/ct3.nii.gz"])
-    with caplog.at_level("WARNING", logger="custom.data.ssl_corpus"):
+    with caplog.at_level("WARNING", logger="custom.data.ssl_preprocess"):
         index_file = preprocess_corpus(dataset / "dl.json", dataset, dataset / "corpus", roi_size=ROI)
     index = json.loads(index_file.read_text(encoding="utf-8"))
     assert [(Path(v["source"]).name, v["section"]) for v in index["volumes"]] == [
@@ -248,7 +249,7 @@ def test_unreadable_images_are_listed_and_the_rest_indexed(dataset):
 
 
 def test_interrupted_run_keeps_what_is_done(dataset, monkeypatch):
-    import custom.data.ssl_corpus as ssl_data
+    import custom.data.ssl_preprocess as ssl_data
 
     real, calls = ssl_data._preprocess_one, []
 
@@ -419,7 +420,7 @@ def test_two_workers_give_the_same_index_and_files_as_one(dataset):
 
 
 def test_two_shards_then_a_merge_equal_one_run_and_the_index_is_merged_once(dataset, monkeypatch, capsys):
-    import custom.data.ssl_corpus as ssl_data
+    import custom.data.ssl_preprocess as ssl_data
 
     one = preprocess_corpus(dataset / "datalist.json", dataset, dataset / "one", roi_size=ROI)
     out = dataset / "sharded"
@@ -444,7 +445,7 @@ def test_two_shards_then_a_merge_equal_one_run_and_the_index_is_merged_once(data
 
 
 def test_a_resumed_shard_does_not_redo_finished_volumes(dataset, monkeypatch):
-    import custom.data.ssl_corpus as ssl_data
+    import custom.data.ssl_preprocess as ssl_data
 
     real, calls = ssl_data._preprocess_one, []
 
@@ -512,7 +513,7 @@ def test_ssl_train_workflow_initialises_on_a_fresh_data_folder(dataset, tmp_path
 def _corpus_on_rank(rank: int, init_file: str, runs: dict, results: dict) -> None:
     import torch.distributed as dist
 
-    from custom.data.ssl_corpus import Corpus
+    from custom.data.ssl_preprocess import Corpus
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

@@ -61,7 +61,7 @@ def _rank_draws(rank: int, world: int, init_file: str, index_file: str, results:
 def _corpus(tmp_path) -> str:
     import nibabel as nib
 
-    from custom.data.ssl_corpus import preprocess_corpus
+    from custom.data.ssl_preprocess import preprocess_corpus
 
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()

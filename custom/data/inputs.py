@@ -2,7 +2,7 @@
 
 MONAI's ``load_decathlon_datalist`` covers datalists but stops at the first problem and wants one file
 of one layout; :func:`read_datalist` is the one reader of a datalist file for the checks that list every
-problem (``custom.data.preflight``), several files (``custom.data.ssl_corpus``) or an MSD ``dataset.json``
+problem (``custom.data.preflight``), several files (``custom.data.ssl_preprocess``) or an MSD ``dataset.json``
 (``custom.segmentation.msd``). Inference on "every image in a folder" has no MONAI counterpart, hence
 :func:`list_images`. MONAI's ``ITKReader`` reads a DICOM folder as whatever
 series ITK lists first and stacks unevenly spaced slices at their mean spacing without a word, hence

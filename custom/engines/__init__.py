@@ -1,1 +1,2 @@
-"""Ignite engines and handlers: resumable checkpoints, the run lock, loss monitoring, SSL engines."""
+"""Ignite engines and handlers: resumable checkpoints (files, preemption, resume), the run lock, loss monitoring,
+SSL engines."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from custom.engines.checkpoint_files import BestModelSaver
 from custom.utils import require_bool, seed_everything
 
 __all__ = ["start", "finish", "rank_handlers"]
@@ -65,8 +66,6 @@ def rank_handlers(handlers: Sequence[Any] | None, rank: int | None = None) -> li
     """
     from ignite.handlers import ProgressBar
     from monai.handlers import StatsHandler, TensorBoardStatsHandler
-
-    from custom.engines.checkpoint import BestModelSaver
 
     if handlers is None:
         return None

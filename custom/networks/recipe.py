@@ -47,7 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.nets.swin_unetr import PatchMerging
 
+from custom.networks.options import LegacyPatchMerging
+from custom.networks.weight_files import read_weights
 from custom.utils import require_bool
 
 __all__ = [
@@ -113,10 +116,6 @@ def legacy_merging_of(network: torch.nn.Module) -> bool | None:
     >>> legacy_merging_of(SwinUNETR(1, 2, feature_size=12))
     False
     """
-    from monai.networks.nets.swin_unetr import PatchMerging
-
-    from custom.networks.options import LegacyPatchMerging
-
     kinds = {type(m) for m in network.modules()}
     if LegacyPatchMerging in kinds:
         return True
@@ -232,8 +231,6 @@ def read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a legacy (non-zip) file cannot be memory-mapped; a damaged one is named in one line
-        from custom.engines.checkpoint import read_weights
-
         checkpoint = read_weights(Path(path))
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
     if not isinstance(recipe, Mapping):

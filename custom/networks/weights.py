@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from monai.networks.utils import copy_model_state
 
+from custom.networks.options import downsample_option
+from custom.networks.recipe import RECIPE_KEY, legacy_merging_of, recipe_values
 from custom.utils import bare_module, require_bool
 
 __all__ = [
@@ -223,8 +225,6 @@ def _state_of(checkpoint: object) -> object:
 
 def _record_of(checkpoint: object) -> tuple[bool | None, str]:
     """(legacy_merging the file was trained with, or None when unknown; why) from a loaded weight file."""
-    from custom.networks.recipe import RECIPE_KEY, recipe_values
-
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
     recorded = recipe_values(recipe).get("legacy_merging") if isinstance(recipe, Mapping) else None
     if isinstance(recorded, bool):
@@ -314,8 +314,6 @@ def downsample_for(
     :func:`resolve_legacy_merging` then ``custom.networks.options.downsample_option``; the bundles' train configs
     call it from ``network_def`` so that the order is settled before the network is built.
     """
-    from custom.networks.options import downsample_option
-
     return downsample_option(resolve_legacy_merging(legacy_merging, pretrained_path, accept_mismatch))
 
 
@@ -341,8 +339,6 @@ def load_swinvit_weights(
             no encoder tensor at all (the message lists what is missing or mis-shaped); or the network's
             merging order is not the file's (the message names ``legacy_merging``).
     """
-    from custom.networks.recipe import legacy_merging_of
-
     path = os.fspath(path)
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     recorded, why = _record_of(loaded)

@@ -1,1 +1,3 @@
-"""The segmentation pipeline shared by the fine-tuning bundles: task recipes, evaluation, reports."""
+"""The segmentation pipeline shared by the fine-tuning bundles: task recipes, chains, evaluation, reports, folds.
+
+What inference adds around it (memory plan, body crop, ensembles, per-case outputs) is ``custom.inference``."""

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from custom.data.inputs import case_name
+from custom.segmentation.folds import fold_datalist
 from custom.segmentation.metrics import case_metrics, summarize, summary_markdown
 from custom.segmentation.postprocess import LargestComponentTrial, write_decision
 from custom.utils import atomic_write
@@ -145,9 +147,6 @@ def fold_prediction_pairs(
     Raises:
         FileNotFoundError: no splits file, or a held-out case's prediction is missing (named, with the fix).
     """
-    from custom.data.inputs import case_name
-    from custom.segmentation.folds import fold_datalist
-
     if not Path(splits_file).is_file():
         raise FileNotFoundError(
             f"{splits_file}: no splits file, so no trained folds to summarize; train the folds first"

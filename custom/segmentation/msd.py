@@ -35,6 +35,7 @@ from monai.transforms import MapTransform
 
 from custom.data.inputs import read_datalist
 from custom.networks.recipe import RecipeMismatchError, normalize_recipe
+from custom.segmentation.folds import case_id, fold_datalist, round_robin_splits
 from custom.segmentation.task import MIN_ITERATIONS, TASKS, TaskRecipe, task_from_metadata, task_from_recipe
 
 __all__ = [
@@ -197,8 +198,6 @@ def msd_datalist(
     checkpoints stay in ``ckpt_dir``). ``section="labelled"`` gives every case of ``training`` (all folds),
     ``"test"`` the unlabelled ``test`` images. Paths become absolute.
     """
-    from custom.segmentation.folds import case_id, fold_datalist, round_robin_splits
-
     folder = Path(dataset_dir)
     meta = _read_dataset_json(folder)
     if section == "test":

@@ -46,9 +46,26 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from custom.data.cache_plan import CachePlan
+from custom.data.inputs import checked_output_dir, output_name_formatter
 from custom.data.transforms import Spacingd
-from custom.segmentation.msd import MSDBrainTumourRegionsd, RegionsToLabelsd
+from custom.engines.checkpoint_files import BestModelSaver, ModelLoader
+from custom.engines.distributed import rank_handlers
+from custom.engines.monitoring import StopOnNonFiniteLoss
+from custom.inference.body_crop import body_crop_inferer
+from custom.inference.dicom_seg import CaseDicomSeg
+from custom.inference.ensemble import ensemble_predictor
+from custom.inference.memory_plan import PlannedSlidingWindowInferer
+from custom.inference.preview import CasePreview
+from custom.inference.statistics import CaseStatistics
+from custom.networks.weights import verified_path
+from custom.segmentation.cv_summary import cv_summary_from_splits
+from custom.segmentation.evaluation import CheckSameGridd, LabelDiceMetric
+from custom.segmentation.msd import BRATS_LABELS, BRATS_REGIONS, MSDBrainTumourRegionsd, RegionsToLabelsd
+from custom.segmentation.postprocess import KeepLargestComponentsd
+from custom.segmentation.report import EvaluationReport
 from custom.segmentation.task import TaskRecipe, intensity_transform, training_crop
+from custom.utils import require_bool
 
 __all__ = [
     "STAGES",
@@ -192,8 +209,6 @@ def cache_plan(
     The training cache holds the output of :func:`cache_transforms`: float32 image, uint8 label, int32
     indices where the crop uses them; the validation cache the deterministic chain's output as it is.
     """
-    from custom.data.cache_plan import CachePlan
-
     extra: dict[str, Any] = {}
     if name == "training":
         extra = {"cached_bytes": {"image": 4, "label": 1}, "index_bytes": 4 if _indexed(task) else 0}
@@ -216,16 +231,13 @@ def sliding_window(
     """MONAI's sliding window over ``task.roi_size`` (gaussian blending), its memory planned, skipping air on request.
 
     Each case's stitching is planned before a window runs
-    (:class:`custom.segmentation.memory_plan.PlannedSlidingWindowInferer`): on ``device`` where the
+    (:class:`custom.inference.memory_plan.PlannedSlidingWindowInferer`): on ``device`` where the
     output probabilities fit, else on the CPU (logged), else refused with the sizes. With ``body_crop`` the
     windows that lie wholly outside the body are not run and background is written there
-    (:class:`custom.segmentation.body_crop.BodyCropInferer`): the body is what is above the CT window's
+    (:class:`custom.inference.body_crop.BodyCropInferer`): the body is what is above the CT window's
     floor, or the non-zero voxels of a z-scored MRI; the output inside the body's box is the uncropped
     one. BrainTumour's sigmoid regions get sigmoid background.
     """
-    from custom.segmentation.body_crop import body_crop_inferer
-    from custom.segmentation.memory_plan import PlannedSlidingWindowInferer
-
     window = PlannedSlidingWindowInferer(
         roi_size=list(task.roi_size),
         num_classes=task.out_channels,
@@ -273,7 +285,7 @@ class TrainingHandlers:
     One entry of ``train#handlers`` (a list, because MONAI Label inserts its own checkpoint loader there
     and MONAI's property check reads it), so a user appends a handler after it. Attached: non-finite loss
     stops first (so such an iteration is never saved), then the LR schedule, the validation (which saves
-    ``model.pt``), the resumable ``checkpoint`` (:class:`~custom.engines.checkpoint.TrainingCheckpoint`),
+    ``model.pt``), the resumable ``checkpoint`` (:class:`~custom.engines.training_checkpoint.TrainingCheckpoint`),
     then the logs (loss to the console and TensorBoard, a progress bar). Under DDP the other ranks skip
     the logs (:func:`custom.engines.distributed.rank_handlers`).
 
@@ -297,8 +309,6 @@ class TrainingHandlers:
             from_engine,
         )
 
-        from custom.engines.monitoring import StopOnNonFiniteLoss
-
         loss = from_engine(["loss"], first=True)
         self.handlers = [
             StopOnNonFiniteLoss(ckpt_dir),
@@ -311,8 +321,6 @@ class TrainingHandlers:
         ]
 
     def attach(self, engine: Any) -> None:
-        from custom.engines.distributed import rank_handlers
-
         for handler in rank_handlers(self.handlers) or []:
             handler.attach(engine)
 
@@ -320,8 +328,6 @@ class TrainingHandlers:
 def validation_handlers(ckpt_dir: str, output_dir: str, network: torch.nn.Module, recipe: Mapping) -> list:
     """Validation during training: save the best ``model.pt`` (with its recipe), log the metric."""
     from monai.handlers import StatsHandler, TensorBoardStatsHandler
-
-    from custom.engines.checkpoint import BestModelSaver
 
     return [
         BestModelSaver(ckpt_dir, network, filename="model.pt", recipe=recipe),
@@ -339,8 +345,6 @@ def evaluation_postprocessing(task: TaskRecipe, preprocessing: Compose, predicti
     for a fold) the label map scored is also written there as inference names it (``run cv_summary``
     reads the folds' ones, and HD95 can be computed from it).
     """
-    from custom.segmentation.evaluation import CheckSameGridd
-
     chain = _discrete(task)
     if task.region_based:
         chain.append(RegionsToLabelsd("pred"))
@@ -365,8 +369,6 @@ def evaluation_metric(task: TaskRecipe) -> dict:
     """Per-case, per-class Dice on the label's grid (false positives score 0), kept for ``metrics.json``."""
     from monai.handlers import IgniteMetricHandler, from_engine
 
-    from custom.segmentation.evaluation import LabelDiceMetric
-
     dice = LabelDiceMetric(
         num_classes=None if task.region_based else task.out_channels, include_background=task.region_based
     )
@@ -380,8 +382,6 @@ def evaluation_metric(task: TaskRecipe) -> dict:
 def _writer(output_dir: str) -> SaveImaged:
     """``<case>_seg.nii.gz`` (uint8) on the grid the label map is on, named as inference names it."""
     import numpy as np
-
-    from custom.data.inputs import output_name_formatter
 
     return SaveImaged(
         "pred",
@@ -409,9 +409,6 @@ def inference_postprocessing(
     whose largest connected component alone is kept (:class:`custom.segmentation.postprocess.KeepLargestComponentsd`),
     on the grid the decision was scored on, the input's own.
     """
-    from custom.data.inputs import checked_output_dir
-    from custom.segmentation.postprocess import KeepLargestComponentsd
-
     chain = _discrete(task)
     if task.region_based:
         chain.append(RegionsToLabelsd("pred"))
@@ -431,10 +428,8 @@ def predictor(
 ) -> torch.nn.Module:
     """What the sliding window runs per window: the network (or its ONNX ``runtime``), or the mean of an
     ``ensemble`` of weight files and of mirrored copies (``tta``), in probabilities (softmax, or sigmoid for
-    BrainTumour's regions): :func:`custom.segmentation.ensemble.ensemble_predictor`. With neither, the
+    BrainTumour's regions): :func:`custom.inference.ensemble.ensemble_predictor`. With neither, the
     network itself, so the default path is unchanged."""
-    from custom.segmentation.ensemble import ensemble_predictor
-
     activation = "sigmoid" if task.region_based else "softmax"
     return ensemble_predictor(network, ensemble, tta, activation=activation, device=device, predictor=runtime)
 
@@ -457,9 +452,6 @@ def cv_summary(
     background, or BrainTumour's three regions (:mod:`custom.segmentation.cv_summary`); ``class_names``
     (background first) where the task does not name them (BTCV: its metadata).
     """
-    from custom.segmentation.cv_summary import cv_summary_from_splits
-    from custom.segmentation.msd import BRATS_REGIONS
-
     extra: dict[str, Any] = {}
     names = list(task.class_names if class_names is None else class_names)
     if task.region_based:
@@ -490,9 +482,6 @@ def model_handlers(
     from ignite.handlers import ProgressBar
     from monai.handlers import StatsHandler
 
-    from custom.engines.checkpoint import ModelLoader
-    from custom.networks.weights import verified_path
-
     logs = [StatsHandler(iteration_log=False), ProgressBar(desc=desc)]
     if ensemble:
         return logs
@@ -519,11 +508,6 @@ def inference_handlers(
     ``<case>_seg.dcm`` for a DICOM series input (needs highdicom). Class names: ``class_names``, else the
     task's; BrainTumour's label map holds MSD's label values, named as its dataset.json names them.
     """
-    from custom.segmentation.dicom_seg import CaseDicomSeg
-    from custom.segmentation.msd import BRATS_LABELS
-    from custom.segmentation.preview import CasePreview
-    from custom.segmentation.statistics import CaseStatistics
-
     names = list(BRATS_LABELS if task.region_based else (task.class_names if class_names is None else class_names))
     outputs = [
         CaseStatistics(output_dir, class_names=names, enabled=statistics),
@@ -548,8 +532,6 @@ def evaluation_handlers(
     The report runs on every DDP rank (it gathers the case names); the logs on rank 0 only
     (:func:`custom.engines.distributed.rank_handlers`).
     """
-    from custom.segmentation.report import EvaluationReport
-
     *loader, stats, bar = model_handlers(model_file, bundle_root, network, device, "evaluate", ensemble)
     names = list(task.class_names if class_names is None else class_names)
     report = EvaluationReport(
@@ -564,7 +546,5 @@ def engine_options(amp_dtype: str, channels_last: bool = False) -> dict:
     >>> engine_options("bfloat16")["amp_kwargs"]["dtype"]
     torch.bfloat16
     """
-    from custom.utils import require_bool
-
     fmt = torch.channels_last_3d if require_bool(channels_last, "channels_last") else torch.contiguous_format
     return {"amp_kwargs": {"dtype": getattr(torch, amp_dtype)}, "to_kwargs": {"memory_format": fmt}}

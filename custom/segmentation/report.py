@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import string_list_all_gather
 
-from ..data.inputs import IMAGE_SUFFIXES
-from ..utils import atomic_write, is_main_process
+from custom.data.inputs import IMAGE_SUFFIXES
+from custom.inference.preview import save_evaluation_preview
+from custom.inference.visualize import save_overlay_png
+from custom.segmentation.evaluation import class_means
+from custom.utils import atomic_write, is_main_process
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -100,16 +103,12 @@ class EvaluationReport:
         return name
 
     def iteration_completed(self, engine: Engine) -> None:
-        from .visualize import save_overlay_png
-
         image_key, label_key, pred_key = self.keys
         for item in engine.state.output:
             case = self.case_name(item, image_key)
             self._cases.append(case)
             if self.save_png and not self.include_background:
                 # label maps (one class per voxel): the three-view preview, prediction above label, Dice in the title
-                from .preview import save_evaluation_preview
-
                 save_evaluation_preview(self.output_dir / f"{case}.png", item, self.class_names, case)
             elif self.save_png:
                 # overlapping regions (BrainTumour): one axial strip per region channel
@@ -123,8 +122,6 @@ class EvaluationReport:
                 )
 
     def epoch_completed(self, engine: Engine) -> None:
-        from .evaluation import class_means
-
         details = engine.state.metric_details.get(self.metric_name)
         cases = string_list_all_gather(self._cases) if torch.distributed.is_initialized() else list(self._cases)
         if not is_main_process():

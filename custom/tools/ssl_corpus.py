@@ -4,7 +4,7 @@
     python -m custom.tools.ssl_corpus ... --shard 3/16     # one of 16 array jobs or nodes; then, once:
     python -m custom.tools.ssl_corpus --out_dir /data/ssl_corpus --merge
 
-What the corpus is and how it is read: :mod:`custom.data.ssl_corpus`.
+What the corpus is: :mod:`custom.data.ssl_preprocess`; how training reads it: :mod:`custom.data.ssl_dataset`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import json
 import logging
 import sys
 
-from custom.data.ssl_corpus import DTYPES, merge_corpus, preprocess_corpus
+from custom.data.ssl_dataset import DTYPES
+from custom.data.ssl_preprocess import merge_corpus, preprocess_corpus
 
 
 def main(argv: list[str] | None = None) -> int:

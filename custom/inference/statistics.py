@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs
+from custom.data.cases import SKIPPED
+from custom.data.inputs import case_name
+from custom.inference.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs
 from custom.utils import atomic_write, is_main_process
 
 if TYPE_CHECKING:
@@ -241,9 +243,6 @@ class CaseStatistics(CaseOutputHandler):
     def iteration_completed(self, engine: Engine) -> None:
         """Each case's JSON; a case skipped because its outputs exist keeps its earlier JSON, listed in the CSV."""
         super().iteration_completed(engine)
-        from custom.data.cases import SKIPPED
-        from custom.data.inputs import case_name
-
         batch = engine.state.batch
         if isinstance(batch, Mapping) and SKIPPED in batch:
             image = batch.get("image")

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from custom.networks.weight_files import CheckpointError, read_weights, state_mismatch
+
 __all__ = ["ALL_FLIPS", "tta_flips", "EnsemblePredictor", "load_ensemble", "ensemble_predictor"]
 
 logger = logging.getLogger(__name__)
@@ -158,11 +160,9 @@ def load_ensemble(
 
     Raises:
         ValueError: no files.
-        custom.engines.checkpoint.CheckpointError: a file missing, damaged, or not fitting ``network``;
+        custom.networks.weight_files.CheckpointError: a file missing, damaged, or not fitting ``network``;
             the message names it.
     """
-    from custom.engines.checkpoint import CheckpointError, _state_mismatch, read_weights
-
     if isinstance(files, (str, bytes, os.PathLike)) or not isinstance(files, Sequence) or not files:
         raise ValueError(
             f"ensemble must be a list of weight files, e.g. --ensemble \"['models/fold_0/model.pt', "
@@ -180,7 +180,7 @@ def load_ensemble(
             net.load_state_dict(state, strict=True)
         except (RuntimeError, ValueError, KeyError, TypeError):
             raise CheckpointError(
-                _state_mismatch(path, "model", net, state, "or list weights trained with these settings")
+                state_mismatch(path, "model", net, state, "or list weights trained with these settings")
             ) from None
         networks.append(net.to(device) if device is not None else net)
     flips = tta_flips(tta)

@@ -1,4 +1,4 @@
-"""Data for self-supervised pre-training: a one-time preprocessed corpus and a memory-mapped crop dataset.
+"""Data for self-supervised pre-training, prepared once: the preprocessed corpus, built, sharded and merged.
 
     python -m custom.tools.ssl_corpus --datalist a.json b.json --dataset_dir /data --out_dir /data/ssl_corpus --workers 8
     python -m custom.tools.ssl_corpus ... --shard 3/16     # one of 16 array jobs or nodes; then, once:
@@ -11,9 +11,9 @@ foreground, then draws random 96^3 crops, for every item (plain ``Dataset``, its
 a RAM cache (``CacheDataset``). Decoded per item, NIfTI decoding (gzip) is the bottleneck; cached,
 RAM grows with the corpus (hundreds of GB for 5,050 CTs). Here the deterministic part runs once:
 :func:`preprocess_corpus` stores each result as a ``.npy`` (uint8 by default: 1/255 of the 2000 HU
-window is about 8 HU), and :class:`MemmapCropDataset` reads only the voxels of each crop through
-``np.load(mmap_mode="r")``, so RAM stays flat however large the corpus grows and crops per second
-are bound by the disk. Unlike the paper's code, the foreground box is not rounded up to a multiple
+window is about 8 HU), and :class:`~custom.data.ssl_dataset.MemmapCropDataset` reads only the voxels of
+each crop through ``np.load(mmap_mode="r")``, so RAM stays flat however large the corpus grows and crops
+per second are bound by the disk. Unlike the paper's code, the foreground box is not rounded up to a multiple
 of the ROI (``k_divisible``): that would only add background around the body.
 
 Layout of ``out_dir``::
@@ -21,6 +21,9 @@ Layout of ``out_dir``::
     index.json          settings, and per volume: file, source, section, shape
     volumes/<name>.npy  channel-first (1, X, Y, Z), RAS, uint8 round(x * 255) or float16 x, x in 0..1
     parts/shard-i-of-n.json  part index of shard i of n (``--shard i/n``), merged into index.json by ``--merge``
+
+The dataset that reads it at training time, and the corpus format, are in ``custom.data.ssl_dataset``.
+``python -m custom.tools.ssl_corpus`` is the command line over :func:`preprocess_corpus` and :func:`merge_corpus`.
 
 Each ``.npy`` is written atomically, under a name made from its source path and the settings, so a
 killed run resumes where it stopped and a file on disk is always complete and of this index's settings.
@@ -34,7 +37,6 @@ import logging
 import math
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,26 +45,12 @@ import numpy as np
 import torch
 
 from custom.data.inputs import IMAGE_SUFFIXES, read_datalist
-from custom.utils import atomic_write
+from custom.data.ssl_dataset import DTYPES, FORMAT_VERSION, read_corpus_index
+from custom.utils import atomic_write, one_line_reason
 
-__all__ = [
-    "FORMAT_VERSION",
-    "DTYPES",
-    "CorpusError",
-    "load_ssl_datalists",
-    "preprocess_corpus",
-    "merge_corpus",
-    "Corpus",
-    "MemmapCropDataset",
-]
+__all__ = ["CorpusError", "load_ssl_datalists", "preprocess_corpus", "merge_corpus", "Corpus"]
 
 logger = logging.getLogger(__name__)
-
-#: version of the corpus layout (index keys, file naming); an index of another version is refused
-FORMAT_VERSION = 1
-
-#: stored dtype -> (numpy dtype, scale): stored value = x * scale (rounded for integers), x in 0..1
-DTYPES: dict[str, tuple[type, float]] = {"uint8": (np.uint8, 255.0), "float16": (np.float16, 1.0)}
 
 #: the volume files LoadImage reads, and NumPy arrays
 _IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".npy", ".npz")
@@ -231,19 +219,6 @@ def _npy_shape(path: Path, dtype: str) -> list[int] | None:
     return [int(s) for s in arr.shape]
 
 
-def _read_index(index_file: Path) -> dict[str, Any]:
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{index_file}: unreadable corpus index ({e})") from e
-    if not isinstance(index, dict) or not isinstance(index.get("settings"), dict):
-        raise ValueError(f"{index_file}: not a corpus index (no 'settings'); made by custom.data.ssl_corpus?")
-    version = index["settings"].get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{index_file}: corpus format version {version}, this code reads {FORMAT_VERSION}")
-    return index
-
-
 def _write_index(
     index_file: Path,
     settings: dict,
@@ -256,11 +231,6 @@ def _write_index(
     text = json.dumps(head, indent=1)[:-2]  # one line per volume: readable, and small for thousands of them
     text += ',\n "volumes": [' + ",".join(f"\n  {json.dumps(v)}" for v in volumes) + "\n ]\n}\n"
     atomic_write(index_file, lambda f: f.write(text), mode="w")
-
-
-def _one_line(e: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(e).split()) or "no message"
-    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int] | None:
@@ -342,7 +312,7 @@ def _store_one(source: str, path: Path, chains: tuple[list, list], settings: dic
         arr = _preprocess_one(source, chains, settings)
         atomic_write(path, lambda f: np.save(f, arr))
     except Exception as e:  # readers raise many types for missing, corrupt or truncated files
-        return None, False, _one_line(e)
+        return None, False, one_line_reason(e, innermost=False)
     return [int(s) for s in arr.shape], False, None
 
 
@@ -376,7 +346,7 @@ def _check_settings(file: Path, settings: dict, overwrite: bool) -> bool:
     if not file.exists():
         return False
     try:
-        old = _read_index(file)["settings"]
+        old = read_corpus_index(file)["settings"]
     except ValueError:
         if not overwrite:
             raise
@@ -405,7 +375,7 @@ def preprocess_corpus(
     workers: int = 1,
     shard: str | Sequence[int] | None = None,
 ) -> Path:
-    """Store every image of ``datalists`` once, windowed, cropped and padded, for :class:`MemmapCropDataset`.
+    """Store every image of ``datalists`` once, windowed, cropped and padded, for ``MemmapCropDataset``.
 
     Per image, MONAI's ``LoadImage(ensure_channel_first=True)``, ``Orientation("RAS")``, optionally
     ``Spacing(pixdim)``, ``ScaleIntensityRange(low, high, 0, 1, clip=True)``, ``CropForeground``
@@ -553,7 +523,7 @@ def merge_corpus(out_dir: str | os.PathLike) -> Path:
         raise ValueError(f"{out / 'parts'}: no part index (shard-i-of-n.json) to merge; run preprocess with --shard")
     parts = {}
     for f in files:
-        part = _read_index(f)
+        part = read_corpus_index(f)
         if not isinstance(part.get("shard"), list) or not isinstance(part.get("total"), int):
             raise ValueError(f"{f}: not a part index (no 'shard' and 'total'); made by preprocess_corpus(shard=...)?")
         parts[f] = part
@@ -633,7 +603,7 @@ class Corpus:
                 try:
                     result = [str(self._build())]
                 except Exception as e:  # handed to the other ranks, raised here unchanged
-                    error, result = e, [f"error: {_one_line(e)}"]
+                    error, result = e, [f"error: {one_line_reason(e, innermost=False)}"]
             dist.broadcast_object_list(result, src=0)
             if error is not None:
                 raise error
@@ -643,152 +613,3 @@ class Corpus:
         else:
             self._index_file = self._build()
         return self._index_file
-
-
-# -- dataset --------------------------------------------------------------------------------------
-class MemmapCropDataset(torch.utils.data.Dataset):
-    """Random ROI crops read straight from a corpus of :func:`preprocess_corpus`, through memory maps.
-
-    Item ``i`` is a list of ``num_samples`` dicts ``{"image": float32 tensor (1, *roi_size) in 0..1}``
-    cropped from volume ``i`` of ``section``; MONAI's ``list_data_collate`` (the default of
-    ``monai.data.DataLoader``) flattens them, so a batch of B items holds ``B * num_samples`` crops,
-    as with ``RandSpatialCropSamplesd`` in the paper's pipeline. Only the crops' voxels are read.
-
-    Crop corners are uniform over all positions where the ROI fits. Random mode draws them from
-    torch's RNG, so ``monai.utils.set_determinism`` and the DataLoader's per-worker seeds make runs
-    reproducible; ``deterministic=True`` draws them from a generator seeded by ``(seed, i)``, so item
-    ``i`` is the same every time (validation: losses comparable across epochs).
-
-    Memory maps are opened on first use in each process (never in ``__init__``: the dataset pickles
-    into DataLoader workers as a few lists) and kept open, at most ``max_open_files`` per process
-    (least recently used closed first: every map holds a file descriptor).
-
-    Args:
-        index_file: ``index.json`` written by :func:`preprocess_corpus`.
-        section: which volumes to use (``"training"``, ``"validation"``, ...).
-        roi_size: crop size; every volume of the section must be at least this large.
-        num_samples: crops per volume and item.
-        deterministic: fixed crops per item (see above).
-        seed: seed of the deterministic crops.
-        max_open_files: memory maps kept open per process.
-
-    Attributes:
-        settings: the index's preprocessing settings (dtype, scale, intensity_range, pixdim,
-            roi_size, format_version), e.g. to check that the bundle's ROI and window match.
-        volumes: the index entries of the section (file, source, section, shape).
-
-    Raises:
-        ValueError: unreadable index, no volume in ``section``, bad arguments, or a volume smaller
-            than ``roi_size``.
-    """
-
-    def __init__(
-        self,
-        index_file: str | os.PathLike,
-        section: str = "training",
-        roi_size: Sequence[int] = (96, 96, 96),
-        num_samples: int = 2,
-        deterministic: bool = False,
-        seed: int = 0,
-        max_open_files: int = 128,
-    ) -> None:
-        self.index_file = Path(index_file)
-        index = _read_index(self.index_file)
-        self.settings: dict[str, Any] = dict(index["settings"])
-        if self.settings.get("dtype") not in DTYPES:
-            raise ValueError(f"{self.index_file}: unknown stored dtype {self.settings.get('dtype')!r}")
-        self.roi_size = tuple(int(r) for r in roi_size)
-        if len(self.roi_size) != 3 or any(r < 1 for r in self.roi_size):
-            raise ValueError(f"roi_size must be 3 positive integers, got {list(roi_size)}")
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if int(max_open_files) < 1:
-            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
-        self.section, self.num_samples, self.deterministic = section, int(num_samples), bool(deterministic)
-        self.seed, self.max_open_files = int(seed), int(max_open_files)
-        self.volumes: list[dict[str, Any]] = [v for v in index.get("volumes", []) if v.get("section") == section]
-        if not self.volumes:
-            counts: dict[str, int] = {}
-            for v in index.get("volumes", []):
-                counts[v.get("section")] = counts.get(v.get("section"), 0) + 1
-            held = counts or "none"
-            made = ", ".join(str(d) for d in index.get("datalists", [])) or "its datalists"
-            raise ValueError(
-                f"{self.index_file}: no volume in section {section!r} (the index holds {held}); list volumes under "
-                f"{section!r} in {made} (held out from the other sections), then preprocess again"
-            )
-        small = [v for v in self.volumes if any(s < r for s, r in zip(v["shape"][1:], self.roi_size, strict=True))]
-        if small:
-            listed = ", ".join(f"{v['file']} {v['shape'][1:]}" for v in small[:5])
-            raise ValueError(
-                f"{self.index_file}: {len(small)} volume(s) smaller than roi_size {list(self.roi_size)} (e.g. "
-                f"{listed}); the corpus was padded to {self.settings.get('roi_size')}: re-run preprocess_corpus with "
-                "this roi_size"
-            )
-        root = self.index_file.parent
-        self._files = [str(root / v["file"]) for v in self.volumes]
-        self._shapes = [tuple(int(s) for s in v["shape"]) for v in self.volumes]
-        self._scale = float(self.settings["scale"])
-        self._dtype = np.dtype(DTYPES[self.settings["dtype"]][0])
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_maps"], state["_pid"] = OrderedDict(), -1  # maps are per process; reopened on first use
-        return state
-
-    def _volume(self, i: int) -> np.ndarray:
-        """The memory map of volume ``i``, opened once per process."""
-        if self._pid != os.getpid():  # a forked worker: the parent's maps are not ours to reuse
-            self._maps, self._pid = OrderedDict(), os.getpid()
-        vol = self._maps.get(i)
-        if vol is None:
-            try:
-                vol = np.load(self._files[i], mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{self._files[i]}: cannot open stored volume ({_one_line(e)})") from e
-            if tuple(vol.shape) != self._shapes[i] or vol.dtype != self._dtype:
-                raise ValueError(
-                    f"{self._files[i]}: {vol.dtype} {tuple(vol.shape)} on disk, {self._dtype} {self._shapes[i]} in "
-                    f"{self.index_file}: the corpus changed after indexing; re-run preprocess_corpus"
-                )
-            self._maps[i] = vol
-            while len(self._maps) > self.max_open_files:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(i)
-        return vol
-
-    def corners(self, i: int) -> torch.Tensor:
-        """``(num_samples, 3)`` crop corners (voxel indices) for item ``i``, drawn as ``__getitem__`` draws them."""
-        i = self._check_index(i)
-        generator = None
-        if self.deterministic:
-            seed = int(np.random.SeedSequence([self.seed, i]).generate_state(1)[0])
-            generator = torch.Generator().manual_seed(seed)
-        spans = [s - r + 1 for s, r in zip(self._shapes[i][1:], self.roi_size, strict=True)]
-        u = torch.rand((self.num_samples, 3), generator=generator, dtype=torch.float64)
-        return (u * torch.tensor(spans, dtype=torch.float64)).floor().long()
-
-    def _check_index(self, i: int) -> int:
-        n = len(self.volumes)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} volumes in section {self.section!r}")
-        return i % n
-
-    def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
-        i = self._check_index(int(i))
-        corners = self.corners(i).tolist()
-        vol = self._volume(i)
-        rx, ry, rz = self.roi_size
-        out = []
-        for x, y, z in corners:
-            crop = np.array(vol[:, x : x + rx, y : y + ry, z : z + rz], dtype=np.float32)  # reads only the crop
-            if self._scale != 1.0:
-                crop /= self._scale
-            out.append({"image": torch.from_numpy(crop)})
-        return out

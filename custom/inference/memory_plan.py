@@ -66,6 +66,8 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 from custom.data import cache_plan
+from custom.networks.options import SDPAWindowAttention
+from custom.networks.runtimes import OnnxRuntimePredictor
 
 __all__ = [
     "ACTIVATION_BYTES_PER_VOXEL",
@@ -347,9 +349,6 @@ def network_activation_bytes(network: Any) -> tuple[int, float]:
     measured at 48).
     """
     from monai.networks.nets.swin_unetr import WindowAttention
-
-    from custom.networks.options import SDPAWindowAttention
-    from custom.networks.runtimes import OnnxRuntimePredictor
 
     modules = list(network.modules()) if isinstance(network, torch.nn.Module) else []
     if any(isinstance(m, OnnxRuntimePredictor) for m in modules):

@@ -12,7 +12,7 @@ three-view layout with a legend; this module draws with numpy and Pillow only:
 - pixels are scaled to the voxel spacing (one scale in pixels per mm for all panels), so organs keep
   their physical proportions;
 - the label map is blended over the image (alpha 0.4) with each structure's outline in full colour,
-  in :func:`custom.segmentation.visualize.label_palette`'s colours, and a legend names every class
+  in :func:`custom.inference.visualize.label_palette`'s colours, and a legend names every class
   present in its colour; CT is shown in a soft-tissue window (W 400, L 40 HU), other images between
   their 0.5 and 99.5 percentiles;
 - with a reference label (evaluation), a second row shows the label through the same slices and the
@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs
-from custom.segmentation.visualize import label_palette
+from custom.inference.case_outputs import CaseOutputHandler, as_labels, label_volume, original_image, slabs, source_of
+from custom.inference.statistics import same_grid
+from custom.inference.visualize import label_palette
 from custom.utils import atomic_write
 
 __all__ = [
@@ -333,8 +334,6 @@ def save_evaluation_preview(
     label's grid (after ``Invertd``); the image is the input read again in its original intensities (so CT
     gets its HU window) when the prediction names its file, else ``item[image_key]`` as it is.
     """
-    from custom.segmentation.case_outputs import source_of
-
     pred, label = item[pred_key], item[label_key]
     source = source_of(pred)
     image = original_image(item, {}, raw_key, source) if source and os.path.exists(source) else item[image_key]
@@ -353,7 +352,7 @@ class CasePreview(CaseOutputHandler):
         enabled: False attaches nothing (the bundle's ``preview`` switch).
         pred_key: the prediction's key (on the input's grid, after ``Invertd``).
         raw_key: item key of the image as loaded (else the input file is read again; see
-            :func:`custom.segmentation.case_outputs.original_image`).
+            :func:`custom.inference.case_outputs.original_image`).
         width: width of the views in pixels.
 
     Raises:
@@ -375,8 +374,6 @@ class CasePreview(CaseOutputHandler):
         self.width = width
 
     def write_case(self, item: Mapping[str, Any], batch: Mapping[str, Any], case: str, source: str) -> None:
-        from custom.segmentation.statistics import same_grid
-
         pred = item[self.pred_key]
         image = original_image(item, batch, self.raw_key, source)  # type: ignore[arg-type]
         same_grid(image, pred, source)

@@ -14,7 +14,7 @@ adds what highdicom cannot know:
 - :func:`segment_descriptions`: one segment per class (background excluded), numbered as the
   class index, labelled with the class name, with a SNOMED CT anatomic term where :data:`ANATOMY`
   has one (laterality as a type modifier), otherwise the generic "Tissue"; algorithm type AUTOMATIC;
-  the display colour of the preview (:func:`custom.segmentation.visualize.label_palette`);
+  the display colour of the preview (:func:`custom.inference.visualize.label_palette`);
 - :func:`write_dicom_seg` and the handler :class:`CaseDicomSeg` (``<case>_seg.dcm``, DICOM input only).
 
 The SNOMED CT codes are those of pydicom 3.0.2's ``pydicom.sr.codedict.codes.SCT`` (from DICOM PS3.16;
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from custom.segmentation.case_outputs import CaseOutputHandler, as_labels, label_volume
-from custom.segmentation.visualize import label_palette
+from custom.inference.case_outputs import CaseOutputHandler, as_labels, label_volume
+from custom.inference.visualize import label_palette
 from custom.utils import atomic_write
 
 __all__ = [

@@ -56,6 +56,8 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, ensure_tuple_rep, fall_back_tuple
 
+from custom.utils import require_bool
+
 __all__ = [
     "BACKGROUND_LOGIT",
     "BodyCropInferer",
@@ -479,7 +481,5 @@ def body_crop_inferer(inferer: Inferer, enabled: bool = True, **kwargs: Any) -> 
     Raises:
         TypeError: ``enabled`` is not a bool (``--body_crop false`` arrives as the string "false").
     """
-    from custom.utils import require_bool
-
     require_bool(enabled, "body_crop")
     return BodyCropInferer(inferer, **kwargs) if enabled else inferer
