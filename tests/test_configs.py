@@ -143,7 +143,9 @@ def test_metadata_matches_the_network():
 
 # -- the wiring both fine-tuning bundles share ---------------------------------------------------------------
 #: config files both fine-tuning bundles have
-SHARED_FILES = [p.name for p in sorted((REPO / "swin_unetr_btcv" / "configs").glob("*.json")) if p.name != "metadata.json"]
+SHARED_FILES = [
+    p.name for p in sorted((REPO / "swin_unetr_btcv" / "configs").glob("*.json")) if p.name != "metadata.json"
+]
 #: (file, config path) -> why the two bundles legitimately differ there. Everything else (the engines, handlers,
 #: inferer, predictor, dataset and cache wiring, the recipe values' flow, the multi-GPU and leaderboard overrides)
 #: must be identical: MONAI Label and MONAI's property checker address those blocks by id, and users' overrides
