@@ -80,8 +80,8 @@ RECIPE_FORMAT = 2
 #: the network width of weights that do not say theirs: the paper's Swin UNETR-B, the model zoo's BTCV model
 #: and the research BTCV release (feature_size 48), the bundles' default
 DEFAULT_FEATURE_SIZE = 48
-#: the recipe values a resumed training must keep (the network and the data; the schedule and the augmentation
-#: may change, and are logged when they do)
+#: the recipe values a resumed training must keep (the network, the data and the loss; the schedule and the
+#: augmentation may change, and are logged when they do)
 RESUME_KEYS = (
     "in_channels",
     "num_classes",
@@ -92,6 +92,7 @@ RESUME_KEYS = (
     "intensity_range",
     "region_based",
     "class_names",
+    "loss",
 )
 #: config id -> (section of the recipe, key there)
 _CONFIG_IDS = {
@@ -197,7 +198,7 @@ def normalize_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not recipe:
         return {}
-    if recipe.get("format", 1) >= 2:
+    if recipe.get("format", 1) >= 2 or any(isinstance(recipe.get(k), Mapping) for k in ("network", "pretraining")):
         return json.loads(json.dumps(dict(recipe)))
     flat = dict(recipe)
     out: dict[str, Any] = {"format": RECIPE_FORMAT, "bundle": flat.get("bundle"), "version": flat.get("version")}
@@ -261,6 +262,8 @@ def recipe_values(recipe: Mapping[str, Any], keys: Sequence[str] | None = None) 
         for key, value in (recipe.get(section) or {}).items():
             cid = "intensity_range" if key == "window" else key
             values.setdefault(cid, value)
+    if "loss" in recipe:
+        values["loss"] = recipe["loss"]
     if keys is not None:
         values = {k: values[k] for k in keys if k in values}
     return values
@@ -291,8 +294,10 @@ def same_value(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     if isinstance(a, Sequence) and not isinstance(a, str) and isinstance(b, Sequence) and not isinstance(b, str):
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
-        return a is b or a == b
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if a is None or b is None:
+        return a is b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
     return a == b
