@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from bench.body_crop_bench import NUM_CLASSES, ROI, SAMPLE, WINDOW, gemm_gflops, network, preprocess, window_flops
+from bench.body_crop_bench import ROI, SAMPLE, WINDOW, gemm_gflops, network, preprocess, window_flops
 from bench.child import add_child_option, peak_rss_gib, run_child, serve_child
 
 ROWS = ("eager_crop", "onnx_crop", "onnx_no_crop", "eager_no_crop")
@@ -119,10 +119,10 @@ def run_row(row: str, image_path: str, feature_size: int) -> dict:
     from custom.inference.body_crop import count_windows
     from custom.networks.runtimes import OnnxRuntimePredictor
     from custom.segmentation.pipeline import sliding_window
-    from custom.segmentation.task import TaskRecipe
+    from custom.segmentation.task import task_for, with_values
 
     image = torch.load(image_path)
-    task = TaskRecipe("BTCV", "CT", (1.5, 1.5, 2.0), ROI, WINDOW, num_labels=NUM_CLASSES)
+    task = with_values(task_for("BTCV"), pixdim=(1.5, 1.5, 2.0), roi_size=ROI, intensity_range=WINDOW)
     crop = row.endswith("_crop") and not row.endswith("_no_crop")
     inferer = sliding_window(task, SW_BATCH_SIZE, OVERLAP, body_crop=crop, device="cpu")
     net = network(feature_size, torch.device("cpu"), None)

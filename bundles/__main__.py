@@ -1,4 +1,4 @@
-"""``python -m bundles <command>``: the collection's tools. Commands: demo, package, index, download."""
+"""``python -m bundles <command>``: the collection's tools. Commands: demo, package, index, download, recipe_table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "package": "bundles.package",
     "index": "bundles.package",
     "download": "bundles.package",
+    "recipe_table": "bundles.recipe_table",
 }
 
 

@@ -731,7 +731,10 @@ def run_checks(
                 "files": lambda root=root: check_files(root),
                 "metadata": lambda root=root: check_metadata(root, index=index),
                 "json_format": lambda root=root: check_json_format(root),
-                "net_in_out": lambda root=root: check_net_in_out(root, needs_inputs(), device),
+                # as the zoo's verify_bundle.py calls it: with neither data nor weights (only the check's width)
+                "net_in_out": lambda root=root: check_net_in_out(
+                    root, {"feature_size": feature_size} if feature_size is not None else {}, device
+                ),
                 "properties": lambda root=root: check_properties(root, needs_inputs()),
                 "torchscript": lambda root=root, bwork=bwork: check_torchscript(
                     root, needs_inputs(), bwork / "export", spatial_shape=export_shape

@@ -90,12 +90,11 @@ def test_msd_inference_repeats_its_training_recipe(tmp_path):
 
     msd = REPO / "swin_unetr_msd"
     train, infer = load("train.json", msd), load("inference.json", msd)
-    shared = list(SHARED_WITH_INFERENCE) + ["in_channels", "region_based", "pixdim", "roi_size", "num_classes"]
-    drift = {k: (train[k], infer[k]) for k in shared if train[k] != infer[k]}
+    drift = {k: (train[k], infer[k]) for k in SHARED_WITH_INFERENCE if train[k] != infer[k]}
     assert not drift, f"MSD train.json and inference.json disagree: {drift}"
     # without a recipe in the weights, inference falls back on the task folder and the training defaults
     task = {"dataset_dir": str(make_task(tmp_path, "Task09_Spleen"))}
-    ids = ["feature_size", "pixdim", "roi_size", "in_channels", "num_classes"]
+    ids = ["feature_size", "pixdim", "roi_size", "in_channels", "num_classes", "intensity_range"]
     assert parsed(msd, "inference.json", ids + ["legacy_merging"], **task) == {
         **parsed(msd, "train.json", ids, **task),
         "legacy_merging": False,  # train.json's null without pretrained_path: MONAI's order
@@ -111,7 +110,7 @@ def test_inference_repeats_the_training_recipe_exactly():
     train, infer = load("train.json"), load("inference.json")
     drift = {k: (train[k], infer[k]) for k in SHARED_WITH_INFERENCE if train[k] != infer[k]}
     assert not drift, f"train.json and inference.json disagree: {drift}"
-    # the sizes come from the weights' recipe; without one, inference's fallbacks are the training defaults
+    # the sizes come from the weights' recipe; without one, inference's values are the training defaults
     ids = [k for k in FROM_THE_RECIPE if k != "legacy_merging"]
     assert parsed(BTCV, "inference.json", FROM_THE_RECIPE) == {
         **parsed(BTCV, "train.json", ids),
@@ -130,10 +129,72 @@ def test_contract_ids_present():
 
 
 def test_metadata_matches_the_network():
-    meta, train = load("metadata.json"), load("train.json")
+    meta = load("metadata.json")
+    train = parsed(BTCV, "train.json", ["num_classes", "roi_size", "task"])
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["num_channels"] == train["num_classes"] == len(pred["channel_def"])
     assert pred["channel_def"]["0"] == "background" and pred["channel_def"]["13"] == "left adrenal gland"
-    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == train["roi_size"]
+    # MONAI Label names the classes from the metadata, the pipeline from the task: they must be the same names
+    assert [pred["channel_def"][str(i)] for i in range(len(pred["channel_def"]))] == list(train["task"].class_names)
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == list(train["roi_size"])
     assert all(s % 32 == 0 for s in train["roi_size"])
     assert meta["version"] in meta["changelog"]
+
+
+# -- the wiring both fine-tuning bundles share ---------------------------------------------------------------
+#: config files both fine-tuning bundles have
+SHARED_FILES = [
+    p.name for p in sorted((REPO / "swin_unetr_btcv" / "configs").glob("*.json")) if p.name != "metadata.json"
+]
+#: (file, config path) -> why the two bundles legitimately differ there. Everything else (the engines, handlers,
+#: inferer, predictor, dataset and cache wiring, the recipe values' flow, the multi-GPU and leaderboard overrides)
+#: must be identical: MONAI Label and MONAI's property checker address those blocks by id, and users' overrides
+#: (``--train#trainer#epoch_length``) must mean the same in both bundles.
+ALLOWED_DIFFERENCES = {
+    ("train.json", "dataset_dir"): "each bundle's default data folder",
+    ("inference.json", "dataset_dir"): "each bundle's default data folder",
+    ("train.json", "datalist"): "BTCV reads dataset_0.json; MSD the task folder's dataset.json",
+    ("train.json", "task_table"): "BTCV is a task of the table; an MSD task is read from its task folder",
+    ("train.json", "train#dataset#data"): "the data source: BTCV's datalist, MSD's dataset.json split by folds",
+    ("train.json", "validate#dataset#data"): "the data source: BTCV's datalist, MSD's dataset.json split by folds",
+    ("evaluate.json", "cv_summary#cases"): "the labelled cases: BTCV's datalist, MSD's dataset.json",
+}
+
+
+def config_differences(a, b, path: str = "") -> list[str]:
+    """The config paths (``train#trainer#max_epochs``) where ``a`` and ``b`` differ, at the first level that
+    differs below an allowed block."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            sub = f"{path}#{key}" if path else key
+            if key not in a or key not in b:
+                out.append(sub)
+            else:
+                out += config_differences(a[key], b[key], sub)
+        return out
+    return [] if a == b else [path]
+
+
+@pytest.mark.parametrize("name", SHARED_FILES)
+def test_the_fine_tuning_bundles_share_their_wiring_exactly(name):
+    """A block both fine-tuning bundles share cannot change in one bundle only; the test names the block."""
+    msd = REPO / "swin_unetr_msd"
+    assert (msd / "configs" / name).is_file(), f"swin_unetr_msd lacks configs/{name}, which swin_unetr_btcv has"
+    diffs = config_differences(load(name), load(name, msd))
+    allowed = {path for f, path in ALLOWED_DIFFERENCES if f == name}
+    unexplained = [d for d in diffs if not any(d == p or d.startswith(p + "#") for p in allowed)]
+    assert not unexplained, (
+        f"configs/{name} differs between swin_unetr_btcv and swin_unetr_msd at {unexplained}: change both bundles "
+        "together, or list the block in ALLOWED_DIFFERENCES with the reason"
+    )
+    stale = [p for p in allowed if not any(d == p or d.startswith(p + "#") for d in diffs)]
+    assert not stale, f"ALLOWED_DIFFERENCES lists {stale} for configs/{name}, which no longer differ: remove them"
+
+
+def test_the_wiring_guard_names_a_changed_block():
+    btcv = load("train.json")
+    changed = json.loads(json.dumps(btcv))
+    changed["train"]["trainer"]["amp"] = False
+    assert config_differences(btcv, changed) == ["train#trainer#amp"]
+    assert config_differences(btcv, {**btcv, "extra": 1}) == ["extra"]

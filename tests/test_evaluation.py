@@ -105,7 +105,14 @@ def test_evaluation_repeats_the_inference_steps(region_based):
         kept = [t for t in transforms if not isinstance(t, EnsureTyped)]  # device and type moves only
         return [(type(t).__name__, getattr(t, "keys", None)) for t in kept]
 
-    task = TaskRecipe("T", "CT", (2.0, 2.0, 2.0), (64, 64, 64), (-175.0, 250.0), region_based=region_based)
+    task = TaskRecipe(
+        name="T",
+        modality="CT",
+        pixdim=(2.0, 2.0, 2.0),
+        roi_size=(64, 64, 64),
+        intensity_range=(-175.0, 250.0),
+        region_based=region_based,
+    )
     evaluate = steps(pipeline.load_transforms(task, "evaluate"))
     assert [n for n, _ in evaluate] == [n for n, _ in steps(pipeline.load_transforms(task, "infer"))]
     assert [k for n, k in evaluate if n != "LoadImaged"] == [("image",)] * 3  # only the image is resampled

@@ -51,7 +51,7 @@ def test_task_table_is_consistent_for_all_ten(tmp_path, folder):
         assert recipe.region_based and recipe.class_names == tuple(BRATS_REGIONS) and recipe.out_channels == 3
     else:
         assert not recipe.region_based and recipe.out_channels == classes + 1 and recipe.class_names[0] == "background"
-    assert (recipe.window is not None) == (recipe.modality == "CT") == recipe.ssl_weights_suit
+    assert (recipe.intensity_range is not None) == (recipe.modality == "CT") == recipe.ssl_weights_suit
 
 
 def test_unknown_task_gets_defaults_from_its_data(tmp_path):
@@ -61,7 +61,7 @@ def test_unknown_task_gets_defaults_from_its_data(tmp_path):
     meta["name"] = "Kidney"
     (renamed / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     recipe = load_task(renamed)
-    assert recipe.name == "Kidney" and recipe.pixdim == (2.5, 2.5, 2.5) and recipe.window is not None
+    assert recipe.name == "Kidney" and recipe.pixdim == (2.5, 2.5, 2.5) and recipe.intensity_range is not None
     assert recipe.max_iterations == default_max_iterations(2) == 30_000  # the tasks' rule, from its case count
 
 
@@ -245,7 +245,7 @@ def test_train_json_keeps_softmax_dice_ce_for_exclusive_classes(tmp_path):
 
 def test_an_unknown_crop_is_refused_by_name():
     with pytest.raises(ValueError, match="Augmentation.crop must be 'pos_neg' or 'random', got 'centre'"):
-        Augmentation("centre")
+        Augmentation(crop="centre")
 
 
 def test_every_task_has_a_finite_stated_training_length():

@@ -46,7 +46,7 @@ def liver(tmp_path):
 def test_btcv_and_msd_build_the_same_chains_for_the_same_ct_recipe(liver):
     btcv = parser_of(BTCV, ["train.json"], num_samples=2)
     msd = parser_of(MSD, ["train.json"], **liver)
-    assert btcv.get_parsed_content("pixdim") == msd.get_parsed_content("pixdim") == [1.5, 1.5, 2.0]
+    assert list(btcv.get_parsed_content("pixdim")) == list(msd.get_parsed_content("pixdim")) == [1.5, 1.5, 2.0]
     for section in ("train#deterministic_transforms", "train#random_transforms"):
         a, b = described(btcv.get_parsed_content(section)), described(msd.get_parsed_content(section))
         assert a == b, section
@@ -78,7 +78,7 @@ def test_one_transform_argument_is_overridden_by_its_name(liver):
     assert list(spacing.spacing_transform.pixdim) == [2.0, 2.0, 2.0]
     flips = [t for t in btcv.get_parsed_content("train#random_transforms") if type(t).__name__ == "RandFlipd"]
     assert [f.prob for f in flips] == [0.5, 0.5, 0.5]
-    assert btcv.get_parsed_content("recipe")["intensity_range"] == [-100, 200]  # and the weights record it
+    assert btcv.get_parsed_content("recipe")["task"]["intensity_range"] == [-100, 200]  # and the weights record it
     msd = parser_of(MSD, ["train.json"], **liver, rotate90_prob=0.0, roi_size=[64, 64, 64])
     rot = next(t for t in msd.get_parsed_content("train#random_transforms") if type(t).__name__ == "RandRotate90d")
     assert rot.prob == 0.0

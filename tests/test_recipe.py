@@ -36,11 +36,13 @@ def test_model_and_checkpoint_carry_the_recipe(trained):
     assert set(model) == {"model", "recipe"}
     recipe = model["recipe"]
     meta = json.loads((BTCV / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    assert recipe["bundle"] == meta["name"] and recipe["version"] == meta["version"]
-    assert recipe["feature_size"] == 12 and recipe["roi_size"] == [64, 64, 64] and recipe["pixdim"] == [3.0, 3.0, 3.0]
-    assert recipe["intensity_range"] == [-175, 250] and recipe["in_channels"] == 1 and recipe["num_classes"] == 14
-    assert recipe["legacy_merging"] is False  # read from the trained network itself
-    assert recipe["class_names"][:2] == ["background", "spleen"] and len(recipe["class_names"]) == 14
+    assert recipe["bundle"] == meta["name"] and recipe["version"] == meta["version"] and recipe["format"] == 2
+    # one format for every bundle: the network's arguments and the task, under the configs' own names
+    assert recipe["network"] == {"in_channels": 1, "out_channels": 14, "feature_size": 12, "legacy_merging": False}
+    task = recipe["task"]  # legacy_merging above is read from the trained network itself
+    assert task["name"] == "BTCV" and task["roi_size"] == [64, 64, 64] and task["pixdim"] == [3.0, 3.0, 3.0]
+    assert task["intensity_range"] == [-175, 250] and task["in_channels"] == 1 and task["num_labels"] == 14
+    assert task["class_names"][:2] == ["background", "spleen"] and len(task["class_names"]) == 14
     assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["recipe"] == recipe
 
 
@@ -140,3 +142,79 @@ def test_msd_model_deploys_from_the_bundle_and_its_weights_alone(tmp_path):
     )
     (bundle / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n", encoding="utf-8")
     assert "3" in check_net_in_out(bundle)  # 2 input channels, 3 classes: from model.pt, no --dataset_dir
+
+
+#: recipes as the first recipe format wrote them (bundles 0.3.x / 0.4.0): BTCV flat, MSD with its task nested
+BTCV_FORMAT_1 = {
+    "format": 1,
+    "bundle": "Swin UNETR BTCV segmentation",
+    "version": "0.4.0",
+    "in_channels": 1,
+    "num_classes": 14,
+    "feature_size": 12,
+    "pixdim": [3.0, 3.0, 3.0],
+    "roi_size": [64, 64, 64],
+    "intensity_range": [-175, 250],
+    "class_names": ["background"] + [f"organ {i}" for i in range(1, 14)],
+    "loss": "DiceCELoss",
+    "legacy_merging": False,
+}
+MSD_FORMAT_1 = {
+    "format": 1,
+    "bundle": "Swin UNETR MSD segmentation",
+    "version": "0.4.0",
+    "in_channels": 1,
+    "num_classes": 2,
+    "region_based": False,
+    "feature_size": 12,
+    "pixdim": [2.0, 2.0, 2.0],  # the training's override of the task table's 1.5 x 1.5 x 2.0
+    "roi_size": [64, 64, 64],
+    "class_names": ["background", "spleen"],
+    "task": {
+        "name": "Spleen",
+        "modality": "CT",
+        "pixdim": [1.5, 1.5, 2.0],
+        "roi_size": [96, 96, 96],
+        "window": [-57.0, 164.0],
+        "num_samples": 2,
+        "region_based": False,
+        "ssl_weights_suit": True,
+        "in_channels": 1,
+        "class_names": ["background", "spleen"],
+        "num_labels": 2,
+        "max_iterations": 30000,
+        "warmup_fraction": 0.01,
+        "augmentation": {"crop": "pos_neg", "flip_prob": 0.2, "rotate90_prob": 0.2, "intensity_prob": 0.1},
+        "out_channels": 2,
+    },
+    "loss": "DiceCELoss",
+    "legacy_merging": False,
+}
+
+
+@pytest.mark.parametrize(
+    "bundle, recipe, expected",
+    [
+        (BTCV, BTCV_FORMAT_1, {"pixdim": (3.0, 3.0, 3.0), "roi_size": (64, 64, 64), "intensity_range": (-175, 250)}),
+        (MSD, MSD_FORMAT_1, {"pixdim": (2.0, 2.0, 2.0), "roi_size": (64, 64, 64), "intensity_range": (-57.0, 164.0)}),
+        (BTCV, None, {"pixdim": (1.5, 1.5, 2.0), "roi_size": (96, 96, 96), "intensity_range": (-175.0, 250.0)}),
+    ],
+    ids=["btcv-format-1", "msd-format-1", "no-recipe"],
+)
+def test_weights_of_every_earlier_format_still_load(tmp_path, bundle, recipe, expected):
+    """model.pt files written before the one recipe format (and files with none) run with what they were trained with."""
+    from monai.networks.nets import SwinUNETR
+
+    classes = 2 if bundle == MSD else 14
+    feature_size = 12 if recipe else 48
+    state = SwinUNETR(1, classes, feature_size=feature_size).state_dict()
+    (tmp_path / "models").mkdir()
+    torch.save({"model": state, "recipe": recipe} if recipe else state, tmp_path / "models" / "model.pt")
+    parser = inference_parser(bundle, tmp_path / "models", dataset_dir=str(tmp_path / "no_task_folder"))
+    task = parser.get_parsed_content("task")
+    assert {k: tuple(getattr(task, k)) for k in expected} == expected
+    assert task.out_channels == classes and parser.get_parsed_content("feature_size") == feature_size
+    parser.get_parsed_content("network_def").load_state_dict(state)  # every tensor in place: the same network
+    if bundle == MSD:  # the window of the first format's nested task (``window``) reaches the transform
+        scale = [t for t in parser.get_parsed_content("preprocessing").transforms if hasattr(t, "scaler")][0]
+        assert (scale.scaler.a_min, scale.scaler.a_max) == (-57.0, 164.0)

@@ -209,7 +209,7 @@ def test_recorded_export_still_reads_as_the_released_layout(tmp_path):
     path = tmp_path / "model_swinvit.pt"
     torch.save(ssl_state_to_released(SSLHead(feature_size=12).state_dict()), path)
     loaded = torch.load(path, weights_only=True)
-    assert loaded["recipe"] == {"legacy_merging": False}
+    assert loaded["recipe"] == {"format": 2, "network": {"legacy_merging": False}}
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
     net.load_from(loaded)
     assert torch.equal(

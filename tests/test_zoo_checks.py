@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import BTCV, REPO, SSL
+from helpers import BTCV, MSD, REPO, SSL
 
 from bundles.package import sha256
 from ci.zoo_checks import (
@@ -201,6 +201,16 @@ def test_output_channels_differing_from_metadata_fail_verify_net_in_out(tmp_path
     edit_json(bundle / "configs" / "metadata.json", two_channels)
     with pytest.raises(ZooCheckError, match="output channel number `1` doesn't match: `2`"):
         check_net_in_out(bundle, {"feature_size": 12})
+
+
+@pytest.mark.parametrize("bundle", [BTCV, MSD], ids=["btcv", "msd"])
+def test_network_def_builds_with_neither_weights_nor_data(tmp_path, bundle):
+    """The zoo's verify_net_in_out runs on the bundle as published: no model.pt, no task folder. The task is
+    then the one the metadata declares (MSD: Spleen, 1 channel in, 2 out)."""
+    copy = copy_bundle(bundle, tmp_path)
+    said = check_net_in_out(copy, {"feature_size": 12})
+    pred = json.loads((copy / "configs" / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]
+    assert f"gives {pred['outputs']['pred']['num_channels']} float32 channel(s)" in said
 
 
 def test_missing_property_is_named(tmp_path, sample_dir):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from custom.networks.recipe import same_value
+from custom.networks.recipe import RESUME_KEYS, recipe_values, same_value
 from custom.networks.weight_files import CheckpointError, state_mismatch
 from custom.utils import one_line_reason
 
@@ -29,14 +29,15 @@ logger = logging.getLogger(__name__)
 
 #: scheduler state that moves with training, not set by the config
 _PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "verbose", "_is_initial"}
-#: recipe entries that do not describe the network or the data
-_NOT_COMPARED = {"format", "bundle", "version"}
 
 
 def check_resume_recipe(
     source: Path, saved: Any, recipe: Mapping[str, Any] | None, accept_mismatch: bool = False
 ) -> None:
     """Refuse a network or data value that differs from the checkpoint's recipe, naming both values.
+
+    Compared by config id (``custom.networks.recipe.RESUME_KEYS``), whichever recipe format the checkpoint
+    holds; the schedule and the augmentation may change at a resume (:func:`apply_config_values` logs them).
 
     Args:
         source: the checkpoint file (named in the message).
@@ -49,11 +50,8 @@ def check_resume_recipe(
     """
     if not isinstance(saved, Mapping) or not recipe:
         return
-    diffs = [
-        (k, saved[k], v)
-        for k, v in recipe.items()
-        if k in saved and k not in _NOT_COMPARED and not same_value(saved[k], v)
-    ]
+    before, now = recipe_values(saved, RESUME_KEYS), recipe_values(recipe, RESUME_KEYS)
+    diffs = [(k, before[k], v) for k, v in now.items() if k in before and not same_value(before[k], v)]
     if not diffs:
         return
     said = "; ".join(f"{k}={r!r} (this run: {k}={v!r})" for k, r, v in diffs)

@@ -37,6 +37,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
+from custom.networks.recipe import RECIPE_FORMAT
 from custom.networks.weights import ENCODER_PREFIX, monai_to_released_key, released_to_monai_key
 
 __all__ = [
@@ -525,14 +526,16 @@ def ssl_state_to_released(
     Args:
         state: the :class:`SSLHead` state_dict.
         legacy_merging: the order the encoder merged patches in (False: MONAI's ``"merging"``, the
-            SSL bundle's); overridden by ``recipe["legacy_merging"]`` when ``recipe`` has it.
+            SSL bundle's); recorded when no ``recipe`` is given (a recipe records the order it read from the network).
         recipe: the bundle's full recipe (``custom.networks.recipe.make_recipe``) to save instead of the order alone.
     """
     out = {}
     for key, value in state.items():
         new = monai_to_released_key(key) if key.startswith(ENCODER_PREFIX) else f"module.{key}"
         out[new] = value
-    return {"state_dict": out, "recipe": {"legacy_merging": bool(legacy_merging), **(recipe or {})}}
+    if recipe is None:
+        recipe = {"format": RECIPE_FORMAT, "network": {"legacy_merging": bool(legacy_merging)}}
+    return {"state_dict": out, "recipe": dict(recipe)}
 
 
 def released_to_ssl_state(checkpoint: dict) -> dict[str, torch.Tensor]:

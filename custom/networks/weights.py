@@ -40,7 +40,7 @@ import torch
 from monai.networks.utils import copy_model_state
 
 from custom.networks.options import downsample_option
-from custom.networks.recipe import RECIPE_KEY, legacy_merging_of
+from custom.networks.recipe import RECIPE_KEY, legacy_merging_of, recipe_values
 from custom.utils import bare_module, require_bool
 
 __all__ = [
@@ -226,8 +226,9 @@ def _state_of(checkpoint: object) -> object:
 def _record_of(checkpoint: object) -> tuple[bool | None, str]:
     """(legacy_merging the file was trained with, or None when unknown; why) from a loaded weight file."""
     recipe = checkpoint.get(RECIPE_KEY) if isinstance(checkpoint, Mapping) else None
-    if isinstance(recipe, Mapping) and isinstance(recipe.get("legacy_merging"), bool):
-        return recipe["legacy_merging"], f"recorded in the file by {recipe.get('bundle')} {recipe.get('version')}"
+    recorded = recipe_values(recipe).get("legacy_merging") if isinstance(recipe, Mapping) else None
+    if isinstance(recorded, bool):
+        return recorded, f"recorded in the file by {recipe.get('bundle')} {recipe.get('version')}"
     state = _state_of(checkpoint)
     if isinstance(state, Mapping) and f"{_RELEASED_PREFIX}patch_embed.proj.weight" in state:
         return True, "released layout without a merging-order record: the paper's release, trained with MONAI < 1.5"

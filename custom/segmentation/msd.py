@@ -25,7 +25,7 @@ import math
 import os
 import re
 from collections.abc import Hashable, Mapping
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,9 @@ import torch
 from monai.transforms import MapTransform
 
 from custom.data.inputs import read_datalist
-from custom.networks.recipe import RecipeMismatchError
+from custom.networks.recipe import RecipeMismatchError, normalize_recipe
 from custom.segmentation.folds import case_id, fold_datalist, round_robin_splits
-from custom.segmentation.task import BRATS21_AUGMENTATION, MIN_ITERATIONS, TaskRecipe
+from custom.segmentation.task import MIN_ITERATIONS, TASKS, TaskRecipe, task_from_metadata, task_from_recipe
 
 __all__ = [
     "TASK_RECIPES",
@@ -101,49 +101,10 @@ class TaskError(ValueError):
     """The task folder or its dataset.json cannot be used; the message names the file."""
 
 
-#: the ten official tasks; class names and channels are filled in from dataset.json by :func:`load_task`.
-#: ``max_iterations`` = :func:`default_max_iterations` of the task's :data:`MSD_TRAINING_CASES`.
-TASK_RECIPES: dict[str, TaskRecipe] = {
-    "BrainTumour": TaskRecipe(
-        "BrainTumour",
-        "MRI",
-        (1.0, 1.0, 1.0),
-        (128, 128, 128),
-        None,
-        1,
-        region_based=True,
-        max_iterations=116_100,  # 300 epochs x 387 cases (research BRATS21: 300 epochs)
-        warmup_fraction=50 / 300,  # research BRATS21: 50 warm-up epochs of 300
-        augmentation=BRATS21_AUGMENTATION,
-    ),
-    "Heart": TaskRecipe("Heart", "MRI", (1.25, 1.25, 1.37), (128, 128, 96), max_iterations=30_000),
-    "Liver": TaskRecipe(
-        "Liver", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True, max_iterations=31_200
-    ),
-    "Hippocampus": TaskRecipe("Hippocampus", "MRI", (1.0, 1.0, 1.0), (64, 64, 64), max_iterations=62_400),
-    "Prostate": TaskRecipe("Prostate", "MRI", (0.6, 0.6, 3.6), (160, 160, 32), max_iterations=30_000),
-    "Lung": TaskRecipe(
-        "Lung", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-1000.0, 500.0), ssl_weights_suit=True, max_iterations=30_000
-    ),
-    "Pancreas": TaskRecipe(
-        "Pancreas", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True, max_iterations=67_200
-    ),
-    "HepaticVessel": TaskRecipe(
-        "HepaticVessel",
-        "CT",
-        (0.8, 0.8, 1.5),
-        (96, 96, 96),
-        (-100.0, 300.0),
-        ssl_weights_suit=True,
-        max_iterations=72_600,
-    ),
-    "Spleen": TaskRecipe(
-        "Spleen", "CT", (1.5, 1.5, 2.0), (96, 96, 96), (-57.0, 164.0), ssl_weights_suit=True, max_iterations=30_000
-    ),
-    "Colon": TaskRecipe(
-        "Colon", "CT", (1.0, 1.0, 1.5), (96, 96, 96), (-175.0, 250.0), ssl_weights_suit=True, max_iterations=30_000
-    ),
-}
+#: the ten official tasks (:data:`custom.segmentation.task.TASKS` less BTCV); class names and channels are filled
+#: in from dataset.json by :func:`load_task`. ``max_iterations`` = :func:`default_max_iterations` of the task's
+#: :data:`MSD_TRAINING_CASES` (a test keeps them so).
+TASK_RECIPES: dict[str, TaskRecipe] = {name: TASKS[name] for name in MSD_TRAINING_CASES}
 
 
 def _task_name(meta: Mapping, folder: Path) -> str:
@@ -185,13 +146,19 @@ def _derived_recipe(name: str, meta: dict, dataset_dir: Path) -> TaskRecipe:
             continue
     pixdim = tuple(float(v) for v in np.median(spacings, axis=0)) if spacings else (1.0, 1.0, 1.0)
     return TaskRecipe(
-        name or dataset_dir.name,
-        "CT" if ct else "MRI",
-        pixdim,
-        (96, 96, 96),
-        (-175.0, 250.0) if ct else None,
+        name=name or dataset_dir.name,
+        modality="CT" if ct else "MRI",
+        pixdim=pixdim,
+        roi_size=(96, 96, 96),
+        intensity_range=(-175.0, 250.0) if ct else None,
         ssl_weights_suit=ct,
         max_iterations=default_max_iterations(len(meta["training"])),
+        sources={
+            "pixdim": "the median spacing of the task folder's training images",
+            "roi_size": "our default for a task not in the table",
+            "intensity_range": "research BTCV's abdominal window for CT; z-score otherwise",
+            "max_iterations": "our rule: max(30,000, 300 x fold 0's training cases)",
+        },
     )
 
 
@@ -306,7 +273,7 @@ def metadata_for_task(meta: dict, recipe: TaskRecipe) -> dict:
         spatial_shape=list(recipe.roi_size),
         modality=recipe.modality,
         format="hounsfield" if recipe.modality == "CT" else "magnitude",
-        value_range=[0, 1] if recipe.window else [-5, 5],
+        value_range=[0, 1] if recipe.intensity_range else [-5, 5],
         channel_def={str(i): f"channel {i}" for i in range(recipe.in_channels)},
     )
     outputs.update(
@@ -318,45 +285,68 @@ def metadata_for_task(meta: dict, recipe: TaskRecipe) -> dict:
     return meta
 
 
-def task_from_weights(
-    recipe: Mapping[str, Any], dataset_dir: str | os.PathLike | None = None, check_dataset: bool = False
-) -> Any:
-    """The MSD task recipe (``custom.segmentation.task.TaskRecipe``) for inference or evaluation of trained weights.
+def _describes_task(path: Path) -> bool:
+    """Whether ``path`` is a task folder's dataset.json (it names the labels), not some other file of that name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "labels" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
-    With a recipe, the task comes from the weights alone: channels, classes, spacing, ROI and intensity
-    window, so a trained model deploys without the task folder. Without one (older weights), the task
-    folder's ``dataset.json`` is read as before (:func:`load_task`).
+
+def task_from_weights(
+    recipe: Mapping[str, Any],
+    dataset_dir: str | os.PathLike | None = None,
+    meta_file: str | os.PathLike | None = None,
+    check_dataset: bool = False,
+) -> TaskRecipe:
+    """The task to run trained weights with (inference, evaluation, export, MONAI Label), the same way for
+    every bundle: from the weights' recipe, else the task folder, else the bundle's metadata.
+
+    1. The recipe saved with the weights (``custom.networks.recipe.read_recipe``) holds the task the
+       training used (channels, classes, spacing, ROI, intensity range): a trained model deploys with
+       no task folder. Files of the first recipe format are read too (``task_from_recipe``).
+    2. Without a recipe, a task folder's ``dataset.json`` (:func:`load_task`), where ``dataset_dir`` holds one.
+    3. Without either, the task ``meta_file`` (the bundle's ``configs/metadata.json``) declares: BTCV for
+       the BTCV bundle, the Decathlon task of the MSD bundle's metadata (what the model zoo's checks build).
 
     Args:
-        recipe: from :func:`custom.networks.recipe.read_recipe`.
-        dataset_dir: the MSD task folder; needed only without a recipe, or with ``check_dataset``.
-        check_dataset: also read ``dataset_dir`` and refuse when its task (channels, class names) is not the
-            one the weights were trained on (evaluation scores the weights on that data).
+        recipe: from ``read_recipe`` (``{}``: none).
+        dataset_dir: a task folder; read without a recipe, or with ``check_dataset``.
+        meta_file: the bundle's metadata.
+        check_dataset: with a recipe and a task folder, refuse when the folder holds another task (channels,
+            class names): evaluation scores the weights on that data.
 
     Raises:
-        TaskError: no recipe and no readable task folder.
+        TaskError: nothing to build the task from (no recipe, no task folder, no usable metadata).
         RecipeMismatchError: ``check_dataset`` and the folder holds another task.
     """
-    saved = recipe.get("task") if recipe else None
-    if not isinstance(saved, Mapping):
-        return load_task(dataset_dir)  # type: ignore[arg-type]
-    names = {f.name for f in fields(TaskRecipe)}
-    values = {k: v for k, v in saved.items() if k in names}
-    # the values the training actually used (its command line may have overridden the task table's)
-    values.update({k: recipe[k] for k in ("in_channels", "pixdim", "roi_size", "region_based") if k in recipe})
-    for key in ("pixdim", "roi_size", "window", "class_names"):
-        if values.get(key) is not None:
-            values[key] = tuple(values[key])
-    task = TaskRecipe(**values)
-    if check_dataset:
-        data = load_task(dataset_dir)  # type: ignore[arg-type]
-        diffs = [
-            (k, getattr(task, k), getattr(data, k))
-            for k in ("name", "in_channels", "class_names")
-            if getattr(task, k) != getattr(data, k)
-        ]
-        if diffs:
-            said = "; ".join(f"{k} {a!r}, the data's dataset.json {b!r}" for k, a, b in diffs)
-            raise RecipeMismatchError(f"the weights were trained on another task: {said} ({dataset_dir})")
-    logger.info(f"MSD task {task.name} from the weights' recipe (no task folder needed)")
-    return task
+    saved = normalize_recipe(recipe).get("task") if recipe else None
+    folder = Path(dataset_dir) if dataset_dir is not None else None
+    has_folder = folder is not None and _describes_task(folder / "dataset.json")
+    if isinstance(saved, Mapping):
+        task = task_from_recipe(saved)
+        logger.info(f"task {task.name} from the weights' recipe (no task folder needed)")
+        if check_dataset and has_folder:
+            data = load_task(folder)  # type: ignore[arg-type]
+            diffs = [
+                (k, getattr(task, k), getattr(data, k))
+                for k in ("name", "in_channels", "class_names")
+                if getattr(task, k) != getattr(data, k)
+            ]
+            if diffs:
+                said = "; ".join(f"{k} {a!r}, the data's dataset.json {b!r}" for k, a, b in diffs)
+                raise RecipeMismatchError(f"the weights were trained on another task: {said} ({dataset_dir})")
+        return task
+    if has_folder:
+        return load_task(folder)  # type: ignore[arg-type]
+    if meta_file is not None and os.path.isfile(meta_file):
+        try:
+            task = task_from_metadata(meta_file)
+        except (ValueError, KeyError) as e:
+            raise TaskError(f"{meta_file}: no task to build ({e})") from e
+        logger.info(
+            f"task {task.name} as {meta_file} declares it (no recipe in the weights, no dataset.json in {dataset_dir})"
+        )
+        return task
+    return load_task(dataset_dir)  # type: ignore[arg-type]  # raises TaskError naming the missing dataset.json

@@ -191,8 +191,8 @@ def random_transforms(task: TaskRecipe) -> list:
     chain += [RandFlipd(keys, spatial_axis=[axis], prob=aug.flip_prob) for axis in range(3)]
     return chain + [
         RandRotate90d(keys, prob=aug.rotate90_prob, max_k=3),
-        RandScaleIntensityd("image", factors=0.1, prob=aug.intensity_prob),
-        RandShiftIntensityd("image", offsets=0.1, prob=aug.intensity_prob),
+        RandScaleIntensityd("image", factors=0.1, prob=aug.intensity_augment_prob),
+        RandShiftIntensityd("image", offsets=0.1, prob=aug.intensity_augment_prob),
     ]
 
 
@@ -250,7 +250,7 @@ def sliding_window(
     return body_crop_inferer(
         window,
         enabled=body_crop,
-        mode="above" if task.window is not None else "nonzero",
+        mode="above" if task.intensity_range is not None else "nonzero",
         outside="sigmoid" if task.region_based else "softmax",
     )
 
